@@ -1,7 +1,41 @@
 """voxlm: Hub-native 3D medical vision-language models.
 
-Importing voxlm registers every voxlm config, model and processor with the transformers Auto classes,
-so ``AutoModel.from_pretrained(folder)`` works on a saved voxlm folder.
+Importing voxlm registers every voxlm config, model and processor with the transformers Auto classes, so
+``AutoModel.from_pretrained(folder)`` works on a saved voxlm folder without ``trust_remote_code``.
 """
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .modeling import (
+    VoxLMConfig,
+    VoxLMForConditionalGeneration,
+    VoxSegConfig,
+    VoxViTConfig,
+    VoxViTModel,
+)
+
 __version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    for config_class in (VoxViTConfig, VoxSegConfig, VoxLMConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(VoxViTConfig, VoxViTModel, exist_ok=True)
+    AutoModel.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
+    # `save_pretrained` copies the modeling files next to the weights for `trust_remote_code` users.
+    VoxViTConfig.register_for_auto_class("AutoConfig")
+    VoxViTModel.register_for_auto_class("AutoModel")
+    VoxLMConfig.register_for_auto_class("AutoConfig")
+    VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "VoxViTConfig",
+    "VoxViTModel",
+    "VoxLMConfig",
+    "VoxSegConfig",
+    "VoxLMForConditionalGeneration",
+]

@@ -1,0 +1,17 @@
+"""voxlm's models. These files depend only on torch, transformers and einops and import each other relatively,
+so `save_pretrained` can copy them next to the weights for `trust_remote_code` users."""
+
+from .configuration_voxlm import VoxLMConfig, VoxSegConfig
+from .configuration_voxvit import VoxViTConfig
+from .modeling_voxlm import VoxLMForConditionalGeneration, VoxLMPreTrainedModel
+from .modeling_voxvit import VoxViTModel, VoxViTPreTrainedModel
+
+__all__ = [
+    "VoxViTConfig",
+    "VoxViTModel",
+    "VoxViTPreTrainedModel",
+    "VoxLMConfig",
+    "VoxSegConfig",
+    "VoxLMForConditionalGeneration",
+    "VoxLMPreTrainedModel",
+]

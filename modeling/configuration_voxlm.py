@@ -1,0 +1,170 @@
+"""Configuration of VoxLM (M3D-LaMed): VoxViT -> spatial-pooling projector -> any causal LM -> `[SEG]` mask decoder."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .configuration_voxvit import VoxViTConfig, as_triple
+
+PROJECTOR_TYPES = ("spp", "linear")
+VOXLM_AUTO_MAP = {
+    "AutoConfig": "configuration_voxlm.VoxLMConfig",
+    "AutoModel": "modeling_voxlm.VoxLMForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_voxlm.VoxLMForConditionalGeneration",
+}
+
+
+class VoxSegConfig(PretrainedConfig):
+    r"""
+    Configuration of the promptable 3D mask decoder that turns a `[SEG]` hidden state into mask logits.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to 256):
+            Width of the decoder (prompt embedding, mask token and image embedding).
+        num_hidden_layers (`int`, *optional*, defaults to 2):
+            Two-way attention layers between prompt tokens and image features (SAM / SegVol decoder).
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Heads in each attention of the decoder.
+        intermediate_size (`int`, *optional*, defaults to 1024):
+            MLP width in each decoder layer.
+        prompt_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout after the `[SEG]` projector (M3D's `seg_projector`).
+        dice_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the Dice loss added to the LM loss.
+        bce_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the binary cross-entropy loss added to the LM loss.
+    """
+
+    model_type = "voxseg"
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 8,
+        intermediate_size: int = 1024,
+        prompt_dropout: float = 0.1,
+        dice_loss_weight: float = 1.0,
+        bce_loss_weight: float = 1.0,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.prompt_dropout = prompt_dropout
+        self.dice_loss_weight = dice_loss_weight
+        self.bce_loss_weight = bce_loss_weight
+        super().__init__(**kwargs)
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"seg_config: `hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
+                f"({num_attention_heads})"
+            )
+        if hidden_size % 8 != 0:
+            raise ValueError(f"seg_config: `hidden_size` ({hidden_size}) must be divisible by 8 (two 2x upsamplings)")
+        if dice_loss_weight < 0 or bce_loss_weight < 0:
+            raise ValueError("seg_config: `dice_loss_weight` and `bce_loss_weight` must be >= 0")
+
+
+class VoxLMConfig(PretrainedConfig):
+    r"""
+    Configuration of [`VoxLMForConditionalGeneration`]. Defaults reproduce M3D-LaMed: a ViT-B VoxViT over
+    32x256x256 volumes, the `spp` projector pooling its 8x16x16 patch grid by 2 to 256 image tokens, and a
+    Llama-2-7B-sized language model.
+
+    Args:
+        vision_config (`VoxViTConfig` or `dict`, *optional*):
+            The encoder; defaults to `VoxViTConfig()`.
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            Any causal LM config (Llama, Phi-3, Qwen2, ...); a dict needs its `model_type`. Defaults to `LlamaConfig()`.
+        seg_config (`VoxSegConfig` or `dict`, *optional*):
+            The `[SEG]` mask decoder; `None` builds the model without one.
+        projector_type (`str`, *optional*, defaults to `"spp"`):
+            `"spp"`: M3D's spatial pooling projector (avg_pool3d over the patch grid, then Linear-GELU-Linear);
+            `"linear"`: one Linear per patch token, no pooling.
+        pooling_size (`int` or `tuple[int, int, int]`, *optional*, defaults to 2):
+            Pooling kernel and stride over the `(D', H', W')` patch grid (`spp` only).
+        image_token_id (`int`, *optional*):
+            Id of `<im_patch>`; image features replace these tokens.
+        seg_token_id (`int`, *optional*):
+            Id of `[SEG]`; required with a `seg_config`.
+        box_start_token_id (`int`, *optional*), box_end_token_id (`int`, *optional*):
+            Ids of `<bx_start>` / `<bx_end>` (boxes as text).
+    """
+
+    model_type = "voxlm"
+    sub_configs = {"vision_config": VoxViTConfig, "text_config": AutoConfig, "seg_config": VoxSegConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        seg_config=None,
+        projector_type: str = "spp",
+        pooling_size=2,
+        image_token_id: int | None = None,
+        seg_token_id: int | None = None,
+        box_start_token_id: int | None = None,
+        box_end_token_id: int | None = None,
+        **kwargs,
+    ):
+        if isinstance(vision_config, dict):
+            vision_config = VoxViTConfig(**vision_config)
+        self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
+        if isinstance(text_config, dict):
+            if "model_type" not in text_config:
+                raise ValueError("`text_config` given as a dict needs a `model_type` (e.g. 'llama', 'phi3', 'qwen2')")
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        if text_config is None:
+            text_config = AutoConfig.for_model("llama")
+        self.text_config = text_config
+        if isinstance(seg_config, dict):
+            seg_config = VoxSegConfig(**seg_config)
+        self.seg_config = seg_config
+        self.projector_type = projector_type
+        self.pooling_size = list(as_triple(pooling_size, "pooling_size"))
+        self.image_token_id = image_token_id
+        self.seg_token_id = seg_token_id
+        self.box_start_token_id = box_start_token_id
+        self.box_end_token_id = box_end_token_id
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        # Saved folders name their code so that `trust_remote_code=True` loads them without voxlm installed.
+        kwargs.setdefault("auto_map", dict(VOXLM_AUTO_MAP))
+        super().__init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Raise `ValueError` naming the field when the parts cannot be assembled into a working model."""
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"Unknown `projector_type` {self.projector_type!r}; choose one of {PROJECTOR_TYPES}")
+        if getattr(self.text_config, "hidden_size", None) is None:
+            raise ValueError(
+                f"`text_config` ({type(self.text_config).__name__}) has no `hidden_size`: it is not a causal LM "
+                "config voxlm can project image features into"
+            )
+        if self.projector_type == "spp":
+            for axis, (grid, pool) in enumerate(zip(self.vision_config.grid_size, self.pooling_size)):
+                if pool <= 0 or grid % pool != 0:
+                    raise ValueError(
+                        f"`pooling_size` {tuple(self.pooling_size)} does not divide the patch grid "
+                        f"{self.vision_config.grid_size} on axis {'DHW'[axis]}"
+                    )
+        if self.seg_config is not None and self.seg_token_id is None:
+            raise ValueError("`seg_token_id` is required when a `seg_config` builds the segmentation head")
+
+    @property
+    def image_grid_size(self) -> tuple[int, int, int]:
+        """The grid of image tokens the LLM sees: the patch grid, pooled for `spp`."""
+        grid = self.vision_config.grid_size
+        if self.projector_type == "spp":
+            return tuple(g // p for g, p in zip(grid, self.pooling_size))
+        return grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many `<im_patch>` tokens a prompt holds per volume (256 for the defaults)."""
+        return math.prod(self.image_grid_size)

@@ -1,0 +1,573 @@
+"""VoxLM: M3D-LaMed as a transformers model, composed of a VoxViT, a projector, any causal LM and a `[SEG]` mask decoder.
+
+    volume (B, 1, D, H, W)
+      -> VoxViT                                   patch features (B, N, E_vis), CLS dropped
+      -> SpatialPoolingProjector (spp)           avg_pool3d over the patch grid, Linear-GELU-Linear -> (B, N_img, E_llm)
+      -> replaces the `<im_patch>` tokens         found by id (never by position), counts checked
+      -> causal LM (built with from_config)       logits (B, L, V); the LM loss on answer tokens
+      -> hidden state at each `[SEG]` token       mean if several -> (B_seg, E_llm)
+      -> VoxSegHead                               prompt projector + two-way attention over the patch features
+                                                  -> mask logits (B_seg, 1, D, H, W) at input resolution; Dice + BCE
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_voxlm import VoxLMConfig
+from .configuration_voxvit import VoxViTConfig
+from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
+from .modeling_voxvit import VoxViTModel
+
+
+@dataclass
+class VoxLMCausalLMOutputWithPast(ModelOutput):
+    """Output of [`VoxLMForConditionalGeneration.forward`].
+
+    Args:
+        loss (`torch.Tensor`, *optional*): `lm_loss` plus the weighted segmentation losses, when `labels` are given.
+        lm_loss (`torch.Tensor`, *optional*): next-token cross-entropy on the answer tokens.
+        seg_dice_loss (`torch.Tensor`, *optional*), seg_bce_loss (`torch.Tensor`, *optional*): the unweighted
+            segmentation losses, when `seg_masks` are given and some sample holds `[SEG]`.
+        logits (`torch.Tensor` of shape `(B, L, V)`): LM logits.
+        past_key_values (`Cache`, *optional*): the LM's KV cache.
+        hidden_states (`tuple[torch.Tensor]`, *optional*), attentions (`tuple[torch.Tensor]`, *optional*): the LM's.
+        image_hidden_states (`torch.Tensor` of shape `(B, N_img, E_llm)`, *optional*): projected image features.
+        seg_logits (`torch.Tensor` of shape `(B_seg, 1, D, H, W)`, *optional*): mask logits of the samples in
+            `seg_sample_indices`.
+        seg_sample_indices (`torch.Tensor` of shape `(B_seg,)`, *optional*): which batch rows `seg_logits` belong to.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    seg_dice_loss: torch.FloatTensor | None = None
+    seg_bce_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    seg_logits: torch.FloatTensor | None = None
+    seg_sample_indices: torch.LongTensor | None = None
+
+
+@dataclass
+class VoxLMGenerateOutput(ModelOutput):
+    """Output of `generate(..., return_masks=True)`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(B, L_prompt + L_new)`): prompt and generated ids.
+        masks (`list`): per sample, mask logits `(1, D, H, W)` when the generated text holds `[SEG]`, else `None`.
+    """
+
+    sequences: torch.LongTensor | None = None
+    masks: list | None = None
+
+
+class SpatialPoolingProjector(nn.Module):
+    """M3D's `spp` projector: average-pool the patch grid, then Linear-GELU-Linear into the LLM width.
+
+    Note: the paper calls this a "3D spatial pooling perceiver"; it has no learned queries
+    (M3D: LaMed/src/model/multimodal_projector/spatial_pooling_projector.py), so it is named for what it does.
+    """
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__()
+        self.grid_size = config.vision_config.grid_size
+        self.pooling_size = tuple(config.pooling_size)
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """`(B, N, E_vis)` patch features -> `(B, N / prod(pooling_size), E_llm)` image tokens."""
+        d, h, w = self.grid_size
+        grid = rearrange(patch_features, "b (d h w) e -> b e d h w", d=d, h=h, w=w)  # (B, N, E) -> (B, E, D', H', W')
+        pooled = F.avg_pool3d(grid, kernel_size=self.pooling_size, stride=self.pooling_size)
+        tokens = rearrange(pooled, "b e d h w -> b (d h w) e")  # (B, E, d, h, w) -> (B, N_img, E)
+        return self.linear_2(F.gelu(self.linear_1(tokens)))
+
+
+class LinearProjector(nn.Module):
+    """M3D's `linear` projector: one Linear per patch token, no pooling (N_img = N)."""
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """`(B, N, E_vis)` -> `(B, N, E_llm)`."""
+        return self.linear(patch_features)
+
+
+class VoxSegTwoWayLayer(nn.Module):
+    """One SAM / SegVol decoder layer: tokens attend to themselves and to the image, then the image to the tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.token_to_image = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
+        )
+        self.norm3 = nn.LayerNorm(hidden_size)
+        self.image_to_token = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm4 = nn.LayerNorm(hidden_size)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor):
+        """tokens `(B, T, S)`, image `(B, N, S)`, image_pos `(1, N, S)` -> updated tokens and image."""
+        tokens = self.norm1(tokens + self.self_attn(tokens, tokens, tokens, need_weights=False)[0])
+        attended = self.token_to_image(tokens, image + image_pos, image, need_weights=False)[0]
+        tokens = self.norm2(tokens + attended)
+        tokens = self.norm3(tokens + self.mlp(tokens))
+        attended = self.image_to_token(image + image_pos, tokens, tokens, need_weights=False)[0]
+        image = self.norm4(image + attended)
+        return tokens, image
+
+
+class VoxSegHead(nn.Module):
+    """Promptable 3D mask decoder driven by the LLM's `[SEG]` hidden state.
+
+    `[SEG]` state -> Linear-ReLU-Linear-Dropout (M3D's `seg_projector`) -> prompt token; with a learned mask token it
+    runs two-way attention over the VoxViT patch features (SegVol-style), the image embedding is upsampled 4x with
+    transposed convolutions, a hypernetwork turns the mask token into per-channel weights, and the low-resolution
+    mask is interpolated to the input size.
+    """
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__()
+        seg, vision = config.seg_config, config.vision_config
+        width = seg.hidden_size
+        self.grid_size = vision.grid_size
+        self.image_size = tuple(vision.image_size)
+        self.prompt_projector = nn.Sequential(
+            nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size),
+            nn.ReLU(),
+            nn.Linear(config.text_config.hidden_size, width),
+            nn.Dropout(seg.prompt_dropout),
+        )
+        self.image_projector = nn.Linear(vision.hidden_size, width)
+        self.image_position_embeddings = nn.Parameter(torch.zeros(1, vision.num_patches, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.layers = nn.ModuleList(
+            [
+                VoxSegTwoWayLayer(width, seg.num_attention_heads, seg.intermediate_size)
+                for _ in range(seg.num_hidden_layers)
+            ]
+        )
+        self.final_token_to_image = nn.MultiheadAttention(width, seg.num_attention_heads, batch_first=True)
+        self.final_norm = nn.LayerNorm(width)
+        self.upscale = nn.Sequential(
+            nn.ConvTranspose3d(width, width // 4, kernel_size=2, stride=2),
+            nn.GELU(),
+            nn.ConvTranspose3d(width // 4, width // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.hypernetwork = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width // 8))
+
+    def forward(self, seg_hidden_states: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            seg_hidden_states (`torch.Tensor` of shape `(B, E_llm)`): the `[SEG]` hidden state of each sample.
+            patch_features (`torch.Tensor` of shape `(B, N, E_vis)`): VoxViT patch tokens of the same samples.
+
+        Returns:
+            `torch.Tensor` of shape `(B, 1, D, H, W)`: mask logits at the encoder's input size.
+        """
+        prompt = self.prompt_projector(seg_hidden_states)  # (B, S)
+        image = self.image_projector(patch_features)  # (B, N, S)
+        tokens = torch.cat([self.mask_token.expand(prompt.shape[0], -1, -1), prompt[:, None]], dim=1)  # (B, 2, S)
+        for layer in self.layers:
+            tokens, image = layer(tokens, image, self.image_position_embeddings)
+        attended = self.final_token_to_image(
+            tokens, image + self.image_position_embeddings, image, need_weights=False
+        )[0]
+        tokens = self.final_norm(tokens + attended)
+        d, h, w = self.grid_size
+        grid = rearrange(image, "b (d h w) s -> b s d h w", d=d, h=h, w=w)  # (B, N, S) -> (B, S, D', H', W')
+        upscaled = self.upscale(grid)  # (B, S / 8, 4 D', 4 H', 4 W')
+        mask_weights = self.hypernetwork(tokens[:, 0])  # (B, S / 8)
+        low_res = torch.einsum("bc,bcdhw->bdhw", mask_weights, upscaled)[:, None]  # (B, 1, 4 D', 4 H', 4 W')
+        return F.interpolate(low_res, size=self.image_size, mode="trilinear", align_corners=False)
+
+
+class VoxLMPreTrainedModel(PreTrainedModel):
+    config_class = VoxLMConfig
+    config: VoxLMConfig
+    base_model_prefix = "voxlm"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VoxViTBlock", "VoxSegTwoWayLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.text_config.initializer_range if hasattr(self.config.text_config, "initializer_range") else 0.02
+        if isinstance(module, nn.ConvTranspose3d):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
+        elif isinstance(module, VoxSegHead):
+            init.trunc_normal_(module.image_position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.mask_token, mean=0.0, std=std)
+
+
+class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
+    r"""
+    M3D-LaMed as a transformers model: a [`VoxViTModel`] encodes the volume, a projector turns its patch features into
+    `config.num_image_tokens` LLM embeddings that replace the prompt's `<im_patch>` tokens, a causal LM (any
+    `AutoModelForCausalLM`, built from `config.text_config`) writes the answer, and when the answer holds `[SEG]`, a
+    [`VoxSegHead`] decodes a 3D mask from that token's hidden state.
+    """
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__(config)
+        self.vision_tower = VoxViTModel(config.vision_config)
+        projector_class = SpatialPoolingProjector if config.projector_type == "spp" else LinearProjector
+        self.multi_modal_projector = projector_class(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.seg_head = VoxSegHead(config) if config.seg_config is not None else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VoxViT patch features and the projected image tokens.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): preprocessed volumes.
+
+        Returns:
+            `(patch_features (B, N, E_vis), image_features (B, N_img, E_llm))`.
+        """
+        # Note: M3D takes the last layer after the final LayerNorm and drops CLS (select_feature="patch" in
+        # LaMed/src/model/multimodal_encoder/vit.py).
+        patch_features = self.vision_tower(pixel_values).last_hidden_state[:, 1:]  # (B, N, E_vis)
+        return patch_features, self.multi_modal_projector(patch_features)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens `(B, N_img, E_llm)` for volumes `(B, C, D, H, W)`."""
+        return self.encode_images(pixel_values)[1]
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Where the `<im_patch>` tokens are, checking that each sample holds exactly `num_image_tokens` of them.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): the prompt ids.
+            image_features (`torch.Tensor` of shape `(B, N_img, E_llm)`): the features that will replace them.
+
+        Returns:
+            `torch.BoolTensor` of shape `(B, L)`.
+        """
+        if self.config.image_token_id is None:
+            raise ValueError("config.image_token_id is not set: the model cannot find where image features go")
+        placeholder = input_ids == self.config.image_token_id  # (B, L)
+        per_sample = placeholder.sum(dim=1)
+        if not bool((per_sample == image_features.shape[1]).all()):
+            raise ValueError(
+                f"Image features and image tokens do not match: each volume gives {image_features.shape[1]} features, "
+                f"but the prompts hold {per_sample.tolist()} <im_patch> tokens. Build prompts with VoxLMProcessor."
+            )
+        return placeholder
+
+    def embed_inputs(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token embeddings with the image features scattered into the `<im_patch>` positions.
+
+        Returns:
+            `(inputs_embeds (B, L, E_llm), patch_features (B, N, E_vis) or None, image_features or None)`.
+        """
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, E_llm)
+        if pixel_values is None:
+            return inputs_embeds, None, None
+        patch_features, image_features = self.encode_images(pixel_values)
+        placeholder = self.get_placeholder_mask(input_ids, image_features)[..., None]  # (B, L, 1)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder, image_features.to(inputs_embeds.dtype))
+        return inputs_embeds, patch_features, image_features
+
+    def forward_seg(
+        self,
+        last_hidden_state: torch.Tensor,
+        input_ids: torch.LongTensor,
+        patch_features: torch.Tensor,
+        sample_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Mask logits for the samples that hold `[SEG]`.
+
+        Args:
+            last_hidden_state (`torch.Tensor` of shape `(B, L, E_llm)`): the LM's last hidden states.
+            input_ids (`torch.LongTensor` of shape `(B, L)`): ids aligned with them.
+            patch_features (`torch.Tensor` of shape `(B, N, E_vis)`): VoxViT patch features.
+            sample_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): restricts to these samples.
+
+        Returns:
+            `(seg_logits (B_seg, 1, D, H, W), sample_indices (B_seg,))`.
+        """
+        seg_tokens = input_ids == self.config.seg_token_id  # (B, L)
+        counts = seg_tokens.sum(dim=1)  # (B,)
+        selected = counts > 0 if sample_mask is None else (counts > 0) & sample_mask.to(counts.device)
+        sample_indices = selected.nonzero().flatten()
+        # The mean over several [SEG] tokens of a sample, as M3D does, without a per-sample loop.
+        summed = (last_hidden_state * seg_tokens[..., None].to(last_hidden_state.dtype)).sum(dim=1)  # (B, E_llm)
+        seg_hidden = summed[sample_indices] / counts[sample_indices, None].to(summed.dtype)  # (B_seg, E_llm)
+        seg_logits = self.seg_head(seg_hidden, patch_features[sample_indices].to(seg_hidden.dtype))
+        return seg_logits, sample_indices
+
+    def compute_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.LongTensor,
+        input_ids: torch.LongTensor,
+        seg_logits: torch.Tensor | None,
+        seg_targets: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The LM loss (image positions never count) plus the weighted Dice and BCE losses when masks are given."""
+        labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+        losses = {"lm_loss": causal_lm_loss(logits, labels)}
+        losses["loss"] = losses["lm_loss"]
+        if seg_logits is not None and seg_logits.shape[0] > 0:
+            seg = self.config.seg_config
+            losses["seg_dice_loss"] = dice_loss(seg_logits, seg_targets)
+            losses["seg_bce_loss"] = bce_loss(seg_logits, seg_targets)
+            losses["loss"] = (
+                losses["loss"]
+                + seg.dice_loss_weight * losses["seg_dice_loss"]
+                + seg.bce_loss_weight * losses["seg_bce_loss"]
+            )
+        return losses
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        seg_masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VoxLMCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): prompt (and answer) ids; each prompt holds
+                `config.num_image_tokens` `<im_patch>` tokens when `pixel_values` are given.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`, *optional*): preprocessed volumes; only on the
+                first (prefill) step of generation.
+            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for tokens, 0 for padding.
+            labels (`torch.LongTensor` of shape `(B, L)`, *optional*): LM targets, `-100` where no loss is wanted.
+            seg_masks (`torch.Tensor` of shape `(B, 1, D, H, W)`, *optional*): target masks; adds Dice + BCE for the
+                samples that hold `[SEG]` (and have `has_mask`).
+            has_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): which rows of `seg_masks` are real.
+            return_dict (`bool`, *optional*): accepted for `generate`; the output is always a `ModelOutput`.
+        """
+        if inputs_embeds is None:
+            inputs_embeds, patch_features, image_features = self.embed_inputs(input_ids, pixel_values)
+        else:
+            patch_features = image_features = None
+        wants_seg = seg_masks is not None and self.seg_head is not None and patch_features is not None
+        lm_outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=bool(output_hidden_states) or wants_seg,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        )
+        seg_logits = sample_indices = seg_targets = None
+        if wants_seg:
+            seg_logits, sample_indices = self.forward_seg(
+                lm_outputs.hidden_states[-1], input_ids, patch_features, has_mask
+            )
+            seg_targets = seg_masks[sample_indices.to(seg_masks.device)].to(seg_logits.device)
+        losses = {}
+        if labels is not None:
+            losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets)
+        return VoxLMCausalLMOutputWithPast(
+            **losses,
+            logits=lm_outputs.logits,
+            past_key_values=lm_outputs.past_key_values,
+            hidden_states=lm_outputs.hidden_states if output_hidden_states else None,
+            attentions=lm_outputs.attentions,
+            image_hidden_states=image_features,
+            seg_logits=seg_logits,
+            seg_sample_indices=sample_indices,
+        )
+
+    @torch.no_grad()
+    def predict_masks(
+        self, sequences: torch.LongTensor, pixel_values: torch.Tensor, prompt_attention_mask: torch.Tensor | None
+    ) -> list[torch.Tensor | None]:
+        """Mask logits for generated sequences: one forward over prompt + answer, then the seg head at `[SEG]`.
+
+        Args:
+            sequences (`torch.LongTensor` of shape `(B, L_prompt + L_new)`): output of `generate`.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): the volumes of the prompts.
+            prompt_attention_mask (`torch.Tensor` of shape `(B, L_prompt)`, *optional*): the prompts' padding mask.
+
+        Returns:
+            `list`: per sample, `(1, D, H, W)` mask logits, or `None` when its answer holds no `[SEG]`.
+        """
+        batch_size, total_length = sequences.shape
+        prompt_length = total_length if prompt_attention_mask is None else prompt_attention_mask.shape[1]
+        attention_mask = torch.ones_like(sequences)
+        if prompt_attention_mask is not None:
+            attention_mask[:, :prompt_length] = prompt_attention_mask
+        # Only [SEG] tokens the model wrote count, not ones the prompt may quote.
+        generated_ids = sequences.clone()
+        generated_ids[:, :prompt_length] = -1
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        inputs_embeds, patch_features, _ = self.embed_inputs(sequences, pixel_values)
+        last_hidden_state = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            return_dict=True,
+        ).hidden_states[-1]
+        masks: list[torch.Tensor | None] = [None] * batch_size
+        if (generated_ids == self.config.seg_token_id).any():
+            seg_logits, sample_indices = self.forward_seg(last_hidden_state, generated_ids, patch_features)
+            for logits, index in zip(seg_logits, sample_indices.tolist()):
+                masks[index] = logits
+        return masks
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, return_masks: bool = False, **kwargs):
+        r"""
+        `GenerationMixin.generate` (KV cache, greedy or sampling, left-padded batches), plus masks on request.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`), pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`),
+            attention_mask (`torch.Tensor` of shape `(B, L)`): as built by `VoxLMProcessor`.
+            return_masks (`bool`, defaults to `False`): return a [`VoxLMGenerateOutput`] whose `masks` hold, per sample,
+                mask logits `(1, D, H, W)` when the answer holds `[SEG]`.
+        """
+        if not return_masks:
+            return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+        if self.seg_head is None:
+            raise ValueError("return_masks=True needs a model with a segmentation head (config.seg_config)")
+        kwargs["return_dict_in_generate"] = True
+        output = super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+        masks = self.predict_masks(output.sequences, pixel_values, attention_mask)
+        return VoxLMGenerateOutput(sequences=output.sequences, masks=masks)
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model: str | VoxViTModel | None,
+        text_model,
+        token_ids: dict[str, int],
+        vocab_size: int,
+        seg_config=None,
+        projector_type: str = "spp",
+        pooling_size=2,
+        vision_config: VoxViTConfig | None = None,
+        text_kwargs: dict | None = None,
+    ) -> "VoxLMForConditionalGeneration":
+        """Assemble a VoxLM from a pretrained encoder and a pretrained causal LM (local folders, Hub ids or models).
+
+        The LM's embeddings are resized to `vocab_size` (the tokenizer after voxlm's tokens were added); new rows
+        start at the mean of the existing ones, so new tokens begin as an "average" token rather than noise.
+
+        Args:
+            vision_model (`str`, `VoxViTModel` or `None`): a VoxViT folder / Hub id, a model, or `None` for a randomly
+                initialised encoder from `vision_config`.
+            text_model (`str` or `PreTrainedModel`): a causal LM folder / Hub id, or a loaded causal LM.
+            token_ids (`dict[str, int]`): `image_token_id`, `seg_token_id`, `box_start_token_id`, `box_end_token_id`
+                (and optionally `pad_token_id`), as `voxlm.processing.add_voxlm_tokens` returns them.
+            vocab_size (`int`): the tokenizer's length after the tokens were added.
+            seg_config (`VoxSegConfig` or `dict`, *optional*): builds the segmentation head.
+            projector_type (`str`, defaults to `"spp"`), pooling_size (`int`, defaults to 2): the projector.
+            vision_config (`VoxViTConfig`, *optional*): used when `vision_model` is `None`.
+            text_kwargs (`dict`, *optional*): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `gguf_file`).
+        """
+        if isinstance(vision_model, str):
+            vision_model = VoxViTModel.from_pretrained(vision_model)
+        elif vision_model is None:
+            vision_model = VoxViTModel(vision_config or VoxViTConfig())
+        if isinstance(text_model, str):
+            text_model = AutoModelForCausalLM.from_pretrained(text_model, **(text_kwargs or {}))
+        resize_embeddings_to_mean(text_model, vocab_size)
+        config = VoxLMConfig(
+            vision_config=vision_model.config,
+            text_config=text_model.config,
+            seg_config=seg_config,
+            projector_type=projector_type,
+            pooling_size=pooling_size,
+            **{key: value for key, value in token_ids.items() if key != "pad_token_id"},
+            pad_token_id=token_ids.get("pad_token_id"),
+        )
+        model = cls(config)
+        model.vision_tower.load_state_dict(vision_model.state_dict())
+        model.language_model.load_state_dict(text_model.state_dict())
+        model.generation_config = text_model.generation_config
+        if token_ids.get("pad_token_id") is not None:
+            model.generation_config.pad_token_id = token_ids["pad_token_id"]
+        return model
+
+
+@torch.no_grad()
+def resize_embeddings_to_mean(language_model: PreTrainedModel, vocab_size: int) -> None:
+    """Resize a causal LM's input (and untied output) embeddings to `vocab_size`, new rows = mean of the old rows."""
+    old_size = language_model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old_size:
+        return
+    language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    embeddings = [language_model.get_input_embeddings().weight]
+    output = language_model.get_output_embeddings()
+    if output is not None and output.weight is not embeddings[0]:
+        embeddings.append(output.weight)
+    for weight in embeddings:
+        weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
+
+
+__all__ = [
+    "VoxLMForConditionalGeneration",
+    "VoxLMPreTrainedModel",
+    "VoxSegHead",
+    "SpatialPoolingProjector",
+    "LinearProjector",
+    "VoxLMCausalLMOutputWithPast",
+    "VoxLMGenerateOutput",
+    "resize_embeddings_to_mean",
+]
