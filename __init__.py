@@ -6,7 +6,9 @@ Importing voxlm registers every voxlm config, model and processor with the trans
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from .modeling import (
+# Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
+# `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
+from voxlm.modeling import (
     VoxLMConfig,
     VoxLMForConditionalGeneration,
     VoxSegConfig,

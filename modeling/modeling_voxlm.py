@@ -434,20 +434,23 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def predict_masks(
-        self, sequences: torch.LongTensor, pixel_values: torch.Tensor, prompt_attention_mask: torch.Tensor | None
+        self,
+        sequences: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        prompt_length: int,
+        prompt_attention_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor | None]:
         """Mask logits for generated sequences: one forward over prompt + answer, then the seg head at `[SEG]`.
 
         Args:
             sequences (`torch.LongTensor` of shape `(B, L_prompt + L_new)`): output of `generate`.
             pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): the volumes of the prompts.
+            prompt_length (`int`): `L_prompt`; only `[SEG]` tokens after it count.
             prompt_attention_mask (`torch.Tensor` of shape `(B, L_prompt)`, *optional*): the prompts' padding mask.
 
         Returns:
             `list`: per sample, `(1, D, H, W)` mask logits, or `None` when its answer holds no `[SEG]`.
         """
-        batch_size, total_length = sequences.shape
-        prompt_length = total_length if prompt_attention_mask is None else prompt_attention_mask.shape[1]
         attention_mask = torch.ones_like(sequences)
         if prompt_attention_mask is not None:
             attention_mask[:, :prompt_length] = prompt_attention_mask
@@ -464,7 +467,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             output_hidden_states=True,
             return_dict=True,
         ).hidden_states[-1]
-        masks: list[torch.Tensor | None] = [None] * batch_size
+        masks: list[torch.Tensor | None] = [None] * sequences.shape[0]
         if (generated_ids == self.config.seg_token_id).any():
             seg_logits, sample_indices = self.forward_seg(last_hidden_state, generated_ids, patch_features)
             for logits, index in zip(seg_logits, sample_indices.tolist()):
@@ -488,7 +491,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             raise ValueError("return_masks=True needs a model with a segmentation head (config.seg_config)")
         kwargs["return_dict_in_generate"] = True
         output = super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-        masks = self.predict_masks(output.sequences, pixel_values, attention_mask)
+        masks = self.predict_masks(output.sequences, pixel_values, input_ids.shape[1], attention_mask)
         return VoxLMGenerateOutput(sequences=output.sequences, masks=masks)
 
     @classmethod

@@ -1,0 +1,347 @@
+"""VoxLM: loss and gradients, id-based image tokens, generation (cache, left padding), segmentation, save/load,
+remote code without voxlm, config validation, and the M3D-LaMed converter against a reference forward."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ViT
+from tiny_models import (
+    BOS_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SEG_TOKEN_ID,
+    VOCAB_SIZE,
+    tiny_text_config,
+    tiny_vision_config,
+    tiny_voxlm_config,
+)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PretrainedConfig,
+)
+
+from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
+from voxlm.modeling.convert_m3d import convert_m3d_lamed_state_dict
+
+
+def make_model(kind="llama", seed=0, **overrides) -> VoxLMForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VoxLMForConditionalGeneration(tiny_voxlm_config(kind, **overrides))
+
+
+def make_prompt(model, text_ids, batch_size=1) -> torch.LongTensor:
+    """BOS, the image placeholders, then text: the layout VoxLMProcessor builds."""
+    images = torch.full((batch_size, model.config.num_image_tokens), IMAGE_TOKEN_ID)
+    bos = torch.full((batch_size, 1), BOS_TOKEN_ID)
+    return torch.cat([bos, images, torch.as_tensor(text_ids).expand(batch_size, -1)], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3", "qwen2"])
+def test_loss_is_finite_and_gradients_reach_every_part(kind):
+    model = make_model(kind)
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (2, 6)), batch_size=2)
+    output = model(input_ids=input_ids, pixel_values=torch.rand(2, 1, 8, 16, 16), labels=input_ids.clone())
+    assert torch.isfinite(output.loss) and output.logits.shape == (2, input_ids.shape[1], VOCAB_SIZE)
+    output.loss.backward()
+    for part in ("vision_tower", "multi_modal_projector", "language_model"):
+        grads = [p.grad for name, p in model.named_parameters() if name.startswith(part) and p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), part
+
+
+def test_labels_on_image_positions_are_ignored():
+    model = make_model()
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 6)))
+    pixel_values = torch.rand(1, 1, 8, 16, 16)
+    labels = input_ids.clone()
+    masked = labels.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+    loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
+    torch.testing.assert_close(loss, model(input_ids=input_ids, pixel_values=pixel_values, labels=masked).loss)
+
+
+def test_image_features_go_where_the_image_tokens_are_wherever_they_are():
+    """Matching by id: moving the placeholders moves the image, unlike M3D's splice after BOS."""
+    model = make_model().eval()
+    pixel_values = torch.rand(1, 1, 8, 16, 16)
+    text = torch.randint(10, VOCAB_SIZE, (1, 4))
+    n = model.config.num_image_tokens
+    late = torch.cat([torch.tensor([[BOS_TOKEN_ID]]), text, torch.full((1, n), IMAGE_TOKEN_ID)], dim=1)
+    embeds, _, image_features = model.embed_inputs(late, pixel_values)
+    torch.testing.assert_close(embeds[:, 5:], image_features)
+    torch.testing.assert_close(embeds[:, :5], model.get_input_embeddings()(late[:, :5]))
+
+
+def test_mismatched_image_token_count_raises_with_both_numbers():
+    model = make_model()
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 4)))[:, 2:]  # one placeholder too few
+    with pytest.raises(ValueError, match=r"gives 8 features.*\[7\]"):
+        model(input_ids=input_ids, pixel_values=torch.rand(1, 1, 8, 16, 16))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_generation_same_with_and_without_cache(kind):
+    model = make_model(kind).eval()
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (2, 5)), batch_size=2)
+    pixel_values = torch.rand(2, 1, 8, 16, 16)
+    settings = dict(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=8, do_sample=False)
+    cached = model.generate(**settings, use_cache=True)
+    uncached = model.generate(**settings, use_cache=False)
+    assert cached.shape[1] > input_ids.shape[1]
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = make_model().eval()
+    prompts = [make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, length)))[0] for length in (3, 7)]
+    pixel_values = torch.rand(2, 1, 8, 16, 16)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((2, width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = prompt
+        attention_mask[row, width - len(prompt) :] = 1
+    settings = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(input_ids=prompt[None], pixel_values=pixel_values[row : row + 1], **settings)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), row
+
+
+def test_segmentation_losses_and_masks_at_input_resolution():
+    model = make_model()
+    text = torch.randint(10, VOCAB_SIZE, (2, 5))
+    text[0, 2] = SEG_TOKEN_ID
+    text[1, 1] = text[1, 3] = SEG_TOKEN_ID
+    input_ids = make_prompt(model, text, batch_size=2)
+    seg_masks = (torch.rand(2, 1, 8, 16, 16) > 0.7).float()
+    output = model(
+        input_ids=input_ids,
+        pixel_values=torch.rand(2, 1, 8, 16, 16),
+        labels=input_ids.clone(),
+        seg_masks=seg_masks,
+        has_mask=torch.tensor([True, False]),
+    )
+    assert output.seg_logits.shape == (1, 1, 8, 16, 16) and output.seg_sample_indices.tolist() == [0]
+    expected = output.lm_loss + output.seg_dice_loss + output.seg_bce_loss
+    torch.testing.assert_close(output.loss, expected)
+    output.loss.backward()
+    assert model.seg_head.hypernetwork[0].weight.grad.abs().sum() > 0
+
+
+def test_several_seg_tokens_use_their_mean_hidden_state():
+    model = make_model().eval()
+    hidden = torch.randn(1, 6, 32)
+    ids = torch.tensor([[10, SEG_TOKEN_ID, 11, SEG_TOKEN_ID, 12, 13]])
+    patch_features = torch.randn(1, 64, 32)
+    logits, _ = model.forward_seg(hidden, ids, patch_features)
+    expected = model.seg_head(hidden[:, [1, 3]].mean(dim=1), patch_features)
+    torch.testing.assert_close(logits, expected)
+
+
+class ForceFirstToken(LogitsProcessor):
+    def __init__(self, prompt_length: int, token_id: int):
+        self.prompt_length, self.token_id = prompt_length, token_id
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_length:
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.token_id] = 0.0
+            return forced
+        return scores
+
+
+def test_generate_returns_masks_only_for_answers_with_seg():
+    model = make_model().eval()
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 4)))
+    pixel_values = torch.rand(1, 1, 8, 16, 16)
+    forced = model.generate(
+        input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=3, return_masks=True, do_sample=False,
+        logits_processor=LogitsProcessorList([ForceFirstToken(input_ids.shape[1], SEG_TOKEN_ID)]),
+    )
+    assert forced.sequences[0, input_ids.shape[1]] == SEG_TOKEN_ID
+    assert forced.masks[0].shape == (1, 8, 16, 16)
+    suppressed = model.generate(
+        input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=3, return_masks=True,
+        do_sample=False, suppress_tokens=[SEG_TOKEN_ID],
+    )
+    assert suppressed.masks == [None]
+
+
+def test_save_load_round_trip_through_auto_classes(tmp_path):
+    import voxlm  # noqa: F401  (registers the Auto classes)
+
+    model = make_model(tie_word_embeddings=True).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "modeling_voxlm.py").is_file()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), VoxLMConfig)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, VoxLMForConditionalGeneration)
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 5)))
+    pixel_values = torch.rand(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        torch.testing.assert_close(loaded(input_ids=input_ids, pixel_values=pixel_values).logits, expected, atol=1e-5, rtol=0)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class BlockVoxlm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "voxlm" or name.startswith("voxlm."):
+                raise ImportError("voxlm is blocked in this process")
+    sys.meta_path.insert(0, BlockVoxlm())
+    try:
+        import voxlm
+        raise SystemExit("voxlm was importable")
+    except ImportError:
+        pass
+    import torch
+    from transformers import AutoModel
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert "voxlm" not in type(model).__module__.split(".")[0], type(model).__module__
+    inputs = torch.load(folder + "/inputs.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save(logits, folder + "/remote_logits.pt")
+    """
+)
+
+
+def test_trust_remote_code_loads_without_voxlm(tmp_path):
+    model = make_model().eval()
+    model.save_pretrained(tmp_path)
+    inputs = {
+        "input_ids": make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 5))),
+        "pixel_values": torch.rand(1, 1, 8, 16, 16),
+    }
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "load_remote.py"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt", weights_only=True), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(projector_type="perceiver"), "projector_type"),
+        (dict(text_config=PretrainedConfig()), "hidden_size"),
+        (dict(text_config={"hidden_size": 32}), "model_type"),
+        (dict(vision_config=dict(image_size=(8, 16, 16), patch_size=(3, 4, 4))), "image_size"),
+        (dict(pooling_size=3), "pooling_size"),
+        (dict(seg_token_id=None), "seg_token_id"),
+    ],
+)
+def test_config_that_cannot_work_fails_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_voxlm_config(**overrides)
+
+
+def test_config_round_trip_and_image_token_count(tmp_path):
+    config = tiny_voxlm_config("qwen2")
+    assert config.num_image_tokens == 8  # (4, 4, 4) patch grid pooled by 2
+    assert tiny_voxlm_config(projector_type="linear").num_image_tokens == 64
+    config.save_pretrained(tmp_path)
+    assert VoxLMConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    assert VoxLMConfig().num_image_tokens == 256  # M3D-LaMed: 2048 patches pooled to 256
+
+
+def test_linear_projector_keeps_every_patch_token():
+    model = make_model(projector_type="linear", seg=False)
+    assert model.get_image_features(torch.rand(1, 1, 8, 16, 16)).shape == (1, 64, 32)
+    assert model.seg_head is None
+
+
+def test_assembling_from_pretrained_parts_starts_new_tokens_at_the_mean(tmp_path):
+    torch.manual_seed(0)
+    text_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config("llama")))
+    text_model.save_pretrained(tmp_path / "llm")
+    old_mean = text_model.get_input_embeddings().weight.mean(dim=0)
+    token_ids = dict(image_token_id=99, seg_token_id=100, box_start_token_id=101, box_end_token_id=102, pad_token_id=0)
+    model = VoxLMForConditionalGeneration.from_vision_text_pretrained(
+        None, str(tmp_path / "llm"), token_ids=token_ids, vocab_size=103, vision_config=tiny_vision_config(),
+        seg_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    )
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == 103 and model.config.seg_token_id == 100
+    torch.testing.assert_close(embeddings[99:], old_mean.expand(4, -1))
+    torch.testing.assert_close(embeddings[:99], text_model.get_input_embeddings().weight[:99])
+
+
+class M3DReference(torch.nn.Module):
+    """M3D-LaMed's forward, written independently of voxlm: MONAI ViT, `spp` projector and splicing after BOS
+    (LaMed/src/model/lamed_arch.py and multimodal_projector/spatial_pooling_projector.py)."""
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.vision_tower = ViT(
+            in_channels=1, img_size=tuple(vision.image_size), patch_size=tuple(vision.patch_size),
+            hidden_size=vision.hidden_size, mlp_dim=vision.intermediate_size, num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads, proj_type="perceptron", classification=True,
+        )
+        hidden = config.text_config.hidden_size
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(vision.hidden_size, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
+        )
+        self.seg_projector = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, config.seg_config.hidden_size),
+            torch.nn.Dropout(0.1),
+        )
+        self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        self.grid = vision.grid_size
+
+    def m3d_state_dict(self):
+        state = {f"model.vision_tower.vision_tower.{k}": v for k, v in self.vision_tower.state_dict().items()}
+        state.update({f"model.mm_projector.projector.{k}": v for k, v in self.projector.state_dict().items()})
+        state.update({f"model.seg_projector.{k}": v for k, v in self.seg_projector.state_dict().items()})
+        state.update(self.llm.state_dict())
+        state["model.seg_module.image_encoder.weight"] = torch.zeros(1)
+        return state
+
+    def forward(self, input_ids, pixel_values):
+        captured = {}
+        hook = self.vision_tower.norm.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+        self.vision_tower(pixel_values)
+        hook.remove()
+        patches = captured["x"][:, 1:]
+        d, h, w = self.grid
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, d, h, w)
+        pooled = F.avg_pool3d(grid, kernel_size=2, stride=2).flatten(2).transpose(1, 2)
+        image = self.projector(pooled)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([embeds[:, :1], image, embeds[:, image.shape[1] + 1 :]], dim=1)
+        return self.llm(inputs_embeds=embeds).logits
+
+
+def test_m3d_lamed_checkpoint_converts_to_identical_outputs():
+    config = tiny_voxlm_config()
+    torch.manual_seed(0)
+    reference = M3DReference(config).eval()
+    converted, skipped = convert_m3d_lamed_state_dict(reference.m3d_state_dict())
+    assert "model.seg_module.image_encoder.weight" in skipped
+    model = VoxLMForConditionalGeneration(config).eval()
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    # The only weights M3D cannot provide are those of the SegVol-style decoder, which M3D implements differently.
+    assert not unexpected and missing and all(key.startswith("seg_head.") for key in missing)
+    assert not any(key.startswith("seg_head.prompt_projector") for key in missing)
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 6)))
+    pixel_values = torch.rand(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        difference = (model(input_ids=input_ids, pixel_values=pixel_values).logits - reference(input_ids, pixel_values))
+    assert difference.abs().max() < 1e-5
