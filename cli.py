@@ -1,0 +1,30 @@
+"""The `voxlm` command: each sub-command lives beside the code it runs and registers itself with `add_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from voxlm.training import quickstart
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxlm",
+        description="3D medical vision-language models: data, training, evaluation and inference.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (quickstart,):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
