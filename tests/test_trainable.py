@@ -1,0 +1,56 @@
+"""Which parameters the MLLM stages train: alignment (projector + new token rows) and LoRA fine-tuning."""
+
+import pytest
+import torch
+from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, VOCAB_SIZE, tiny_voxlm_config
+
+from voxlm.modeling import VoxLMForConditionalGeneration
+from voxlm.training.trainable import LoraSettings, apply_lora, freeze_for_align, llm_linear_names
+
+
+def batch():
+    torch.manual_seed(1)
+    text = torch.randint(10, VOCAB_SIZE, (1, 5))
+    text[0, 2] = SEG_TOKEN_ID
+    ids = torch.cat([torch.tensor([[BOS_TOKEN_ID]]), torch.full((1, 8), IMAGE_TOKEN_ID), text], dim=1)
+    return dict(input_ids=ids, pixel_values=torch.rand(1, 1, 8, 16, 16), labels=ids.clone())
+
+
+def test_align_trains_only_the_projector_and_new_token_rows():
+    torch.manual_seed(0)
+    model = VoxLMForConditionalGeneration(tiny_voxlm_config())
+    freeze_for_align(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_1.bias",
+        "multi_modal_projector.linear_2.weight", "multi_modal_projector.linear_2.bias",
+        "language_model.model.embed_tokens.weight",
+    }
+    model(**batch()).loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[SEG_TOKEN_ID].abs().sum() > 0
+    old_rows = torch.ones(VOCAB_SIZE, dtype=torch.bool)
+    old_rows[[IMAGE_TOKEN_ID, SEG_TOKEN_ID, 6, 7]] = False
+    assert grad[old_rows].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind, expected", [("llama", "q_proj"), ("phi3", "qkv_proj")])
+def test_lora_targets_the_llm_linears_of_each_family(kind, expected):
+    model = VoxLMForConditionalGeneration(tiny_voxlm_config(kind))
+    assert expected in llm_linear_names(model) and "lm_head" not in llm_linear_names(model)
+
+
+def test_lora_trains_adapters_projector_seg_head_and_new_tokens_and_saves_them(tmp_path):
+    torch.manual_seed(0)
+    model = apply_lora(VoxLMForConditionalGeneration(tiny_voxlm_config()), LoraSettings(r=4, alpha=8))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name and "language_model" in name for name in trainable)
+    assert any("multi_modal_projector.modules_to_save" in name for name in trainable)
+    assert any("seg_head.modules_to_save" in name for name in trainable)
+    assert any("trainable_tokens" in name for name in trainable)
+    assert not any(name.startswith("base_model.model.vision_tower") for name in trainable)
+    model(**batch()).loss.backward()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    merged = model.merge_and_unload()
+    assert type(merged) is VoxLMForConditionalGeneration

@@ -1,0 +1,89 @@
+"""Which parameters each MLLM stage trains (seed 002, section 3): alignment trains the projector and the new token
+embeddings only; fine-tuning adds LoRA on the LLM's linear layers (through PEFT's own switches), the segmentation head
+and, optionally, the encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from voxlm.modeling import VoxLMForConditionalGeneration
+
+
+def new_token_ids(model: VoxLMForConditionalGeneration) -> list[int]:
+    """The ids of voxlm's added tokens (`<im_patch>`, `[SEG]`, `<bx_start>`, `<bx_end>`) that the config names."""
+    config = model.config
+    ids = [config.image_token_id, config.seg_token_id, config.box_start_token_id, config.box_end_token_id]
+    return sorted({token_id for token_id in ids if token_id is not None})
+
+
+def freeze_for_align(model: VoxLMForConditionalGeneration) -> None:
+    """Train the projector and the rows of the new tokens in the input embeddings; freeze everything else.
+
+    The embedding matrix stays one parameter, so a gradient hook zeroes the gradient of every row that is not a new
+    token (the optimizer must use no weight decay on it, which `parameter_groups` ensures).
+    """
+    model.requires_grad_(False)
+    model.multi_modal_projector.requires_grad_(True)
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    row_mask = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
+    row_mask[new_token_ids(model)] = 1.0
+    embeddings.register_hook(lambda grad: grad * row_mask.to(grad.dtype))
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM (seed 002: r=16, alpha=32, dropout 0.1; M3D uses 0.05).
+
+    Args:
+        r (`int`), alpha (`int`), dropout (`float`): LoRA's rank, scaling and dropout.
+        train_vision (`bool`): also train the encoder fully (saved with the adapter through `modules_to_save`).
+        extra_modules (`list[str]`): further modules trained fully and saved with the adapter.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    train_vision: bool = False
+    extra_modules: list[str] = field(default_factory=list)
+
+
+def llm_linear_names(model: VoxLMForConditionalGeneration) -> list[str]:
+    """Leaf names of the LLM's linear layers (q_proj, ..., or Phi-3's fused qkv_proj), the output head excluded."""
+    output_head = model.language_model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.language_model.named_modules()
+        if isinstance(module, nn.Linear) and module is not output_head
+    }
+    return sorted(names)
+
+
+def apply_lora(model: VoxLMForConditionalGeneration, settings: LoraSettings):
+    """Wrap the model with PEFT LoRA on the LLM's linear layers; the projector, the segmentation head, the new token
+    rows (PEFT's `trainable_token_indices`) and optionally the encoder train too, and all of them are saved with the
+    adapter.
+
+    Returns:
+        `peft.PeftModel`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    linear_names = "|".join(llm_linear_names(model))
+    modules_to_save = ["multi_modal_projector"] + (["seg_head"] if model.seg_head is not None else [])
+    if settings.train_vision:
+        modules_to_save.append("vision_tower")
+    modules_to_save += settings.extra_modules
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=rf"language_model\..*\.({linear_names})",
+        modules_to_save=modules_to_save,
+        trainable_token_indices={"embed_tokens": new_token_ids(model)},
+        task_type=None,
+    )
+    return get_peft_model(model, config)
