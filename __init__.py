@@ -4,7 +4,7 @@ Importing voxlm registers every voxlm config, model and processor with the trans
 ``AutoModel.from_pretrained(folder)`` works on a saved voxlm folder without ``trust_remote_code``.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
@@ -15,6 +15,7 @@ from voxlm.modeling import (
     VoxViTConfig,
     VoxViTModel,
 )
+from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,9 @@ def _register_auto_classes() -> None:
     AutoModel.register(VoxViTConfig, VoxViTModel, exist_ok=True)
     AutoModel.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(VoxLMConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    AutoImageProcessor.register(VoxViTConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    AutoProcessor.register(VoxLMConfig, VoxLMProcessor, exist_ok=True)
     # `save_pretrained` copies the modeling files next to the weights for `trust_remote_code` users.
     VoxViTConfig.register_for_auto_class("AutoConfig")
     VoxViTModel.register_for_auto_class("AutoModel")
@@ -40,4 +44,6 @@ __all__ = [
     "VoxLMConfig",
     "VoxSegConfig",
     "VoxLMForConditionalGeneration",
+    "VoxLMProcessor",
+    "VoxVolumeProcessor",
 ]

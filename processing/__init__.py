@@ -1,0 +1,33 @@
+"""Volumes in, tensors out: readers, the volume processor, and the volume + text processor."""
+
+from .image_processing_voxlm import CT_WINDOWS, VolumeMetadata, VoxVolumeProcessor, resize_volume
+from .processing_voxlm import (
+    BOX_END_TOKEN,
+    BOX_START_TOKEN,
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    VoxLMProcessor,
+    add_voxlm_tokens,
+    format_box,
+    parse_boxes,
+)
+from .readers import Volume, VolumeError, read_volume, safe_extract_zip
+
+__all__ = [
+    "CT_WINDOWS",
+    "IMAGE_TOKEN",
+    "SEG_TOKEN",
+    "BOX_START_TOKEN",
+    "BOX_END_TOKEN",
+    "Volume",
+    "VolumeError",
+    "VolumeMetadata",
+    "VoxLMProcessor",
+    "VoxVolumeProcessor",
+    "add_voxlm_tokens",
+    "format_box",
+    "parse_boxes",
+    "read_volume",
+    "resize_volume",
+    "safe_extract_zip",
+]

@@ -1,0 +1,241 @@
+"""VoxVolumeProcessor: the one place where a CT or MRI volume becomes `pixel_values`.
+
+Steps, each recorded in `preprocessor_config.json`:
+
+    read (any format) -> canonical orientation (RAS, depth first) -> intensity: CT Hounsfield window / other
+    modalities percentile window -> scale to [0, 1] -> crop the foreground (voxels above the window's low end)
+    -> resize to `image_size` (trilinear; masks nearest) -> (1, D, H, W) float32
+
+Training collators, evaluation, the CLI and the Space all call it, so a saved model carries its exact preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .readers import DEFAULT_MAX_VOXELS, Volume, VolumeError, read_volume
+
+# Hounsfield windows as (low, high) = (level - width / 2, level + width / 2).
+CT_WINDOWS = {
+    "brain": (0.0, 80.0),
+    "subdural": (-20.0, 180.0),
+    "stroke": (8.0, 48.0),
+    "soft_tissue": (-160.0, 240.0),
+    "lung": (-1350.0, 150.0),
+    "bone": (-450.0, 1050.0),
+}
+CT_MODALITIES = ("CT",)
+
+
+@dataclass
+class VolumeMetadata:
+    """What it takes to map a result at model resolution back onto the source grid.
+
+    Args:
+        volume (`Volume`): the canonical volume's geometry (affine, orientation, source shape); its voxels are dropped.
+        canonical_shape (`tuple[int, int, int]`): the canonical `(D, H, W)` before cropping.
+        crop (`tuple[tuple[int, int], ...]`): the foreground box `((d0, d1), (h0, h1), (w0, w1))` in canonical voxels.
+    """
+
+    volume: Volume
+    canonical_shape: tuple[int, int, int]
+    crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def resize_volume(array: np.ndarray | torch.Tensor, size, mode: str = "trilinear") -> torch.Tensor:
+    """Resize a `(D, H, W)` array to `size` with `F.interpolate` (`align_corners=False`, as MONAI's `Resize`)."""
+    tensor = torch.as_tensor(array, dtype=torch.float32)[None, None]  # (D, H, W) -> (1, 1, D, H, W)
+    if tuple(tensor.shape[2:]) == tuple(size):
+        return tensor[0, 0]
+    align = False if mode == "trilinear" else None
+    return F.interpolate(tensor, size=tuple(size), mode=mode, align_corners=align)[0, 0]
+
+
+class VoxVolumeProcessor(BaseImageProcessor):
+    r"""
+    Turns volumes into `pixel_values (B, 1, D, H, W)` in [0, 1], and masks predicted on them back into the source grid.
+
+    Args:
+        image_size (`tuple[int, int, int]`, *optional*, defaults to `(32, 256, 256)`): output `(D, H, W)`.
+        modality (`str`, *optional*, defaults to `"CT"`): `"CT"` uses `ct_window`; anything else (`"MR"`, ...) uses
+            `percentiles`. A call may override it per batch.
+        ct_window (`str` or `tuple[float, float]`, *optional*, defaults to `"brain"`): a preset name from
+            `CT_WINDOWS` (brain, subdural, stroke, soft_tissue, lung, bone) or a `(low, high)` range in HU.
+        percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`): intensity window of non-CT volumes.
+        crop_foreground (`bool`, *optional*, defaults to `True`): crop to the box of voxels above the window's low end.
+        max_voxels (`int`, *optional*): refuse volumes whose header claims more voxels (checked before reading them).
+        nan_policy (`str`, *optional*, defaults to `"error"`): `"error"` or `"zero"` for NaN / Inf voxels.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size=(32, 256, 256),
+        modality: str = "CT",
+        ct_window="brain",
+        percentiles=(0.5, 99.5),
+        crop_foreground: bool = True,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        nan_policy: str = "error",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = [int(s) for s in image_size]
+        if len(self.image_size) != 3 or min(self.image_size) < 1:
+            raise ValueError(f"`image_size` must be three positive ints (D, H, W), got {image_size!r}")
+        self.modality = modality
+        self.ct_window = ct_window if isinstance(ct_window, str) else [float(v) for v in ct_window]
+        self.window_range("CT")  # validates the window now rather than on the first volume
+        self.percentiles = [float(p) for p in percentiles]
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"`percentiles` must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+        self.crop_foreground = crop_foreground
+        self.max_voxels = int(max_voxels)
+        self.nan_policy = nan_policy
+        self.orientation = "RAS, depth first (D, H, W) = (S, A, R)"
+        self.resample = "trilinear (masks: nearest-exact)"
+
+    def window_range(self, modality: str, array: np.ndarray | None = None, window=None) -> tuple[float, float]:
+        """The intensity range mapped to [0, 1]: the CT window in HU, or the volume's percentiles."""
+        if modality.upper() in CT_MODALITIES:
+            window = self.ct_window if window is None else window
+            if isinstance(window, str):
+                if window not in CT_WINDOWS:
+                    raise ValueError(f"Unknown CT window {window!r}; choose one of {sorted(CT_WINDOWS)} or (low, high)")
+                return CT_WINDOWS[window]
+            low, high = (float(v) for v in window)
+            if not low < high:
+                raise ValueError(f"A CT window needs low < high, got ({low}, {high})")
+            return low, high
+        low, high = np.percentile(array, self.percentiles)
+        if not low < high:
+            raise VolumeError("the volume's intensity percentiles coincide; it holds no contrast to scale")
+        return float(low), float(high)
+
+    def foreground_box(self, array: np.ndarray, low: float) -> tuple[tuple[int, int], ...]:
+        """The box of voxels above `low` (after scaling: above 0, MONAI's `CropForeground` default)."""
+        if not self.crop_foreground:
+            return tuple((0, n) for n in array.shape)
+        foreground = array > low
+        box = []
+        for axis in range(3):
+            present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
+            if present.size == 0:  # nothing above the window: keep the whole volume
+                return tuple((0, n) for n in array.shape)
+            box.append((int(present[0]), int(present[-1]) + 1))
+        return tuple(box)
+
+    def preprocess_volume(self, volume, modality: str | None = None, window=None) -> tuple[torch.Tensor, VolumeMetadata]:
+        """One volume -> `(pixel_values (1, D, H, W), metadata)`.
+
+        Args:
+            volume: anything `read_volume` takes.
+            modality (`str`, *optional*): overrides `self.modality`.
+            window (`str` or `tuple`, *optional*): overrides `self.ct_window` for this volume.
+        """
+        volume = read_volume(volume, max_voxels=self.max_voxels, nan_policy=self.nan_policy)
+        modality = modality or volume.modality or self.modality
+        low, high = self.window_range(modality, volume.array, window)
+        # Cropping before scaling touches fewer voxels; "above low" before scaling is "above 0" after it.
+        box = self.foreground_box(volume.array, low)
+        cropped = volume.array[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]]
+        scaled = np.clip(cropped, low, high)
+        scaled -= low
+        scaled *= 1.0 / (high - low)
+        pixel_values = resize_volume(scaled, self.image_size)[None]  # (1, D, H, W)
+        geometry = Volume(
+            array=np.empty(0, dtype=np.float32), affine=volume.affine, spacing=volume.spacing, source=volume.source,
+            orientation=volume.orientation, source_shape=volume.source_shape, modality=volume.modality,
+        )
+        return pixel_values, VolumeMetadata(volume=geometry, canonical_shape=volume.array.shape, crop=box)
+
+    def preprocess_mask(self, mask, metadata: VolumeMetadata) -> torch.Tensor:
+        """A mask on its volume's canonical grid -> `(1, D, H, W)` in {0, 1}, cropped and resized (nearest) like it.
+
+        Args:
+            mask: anything `read_volume` takes, on the same grid as the volume of `metadata`.
+            metadata (`VolumeMetadata`): from `preprocess_volume` of that volume.
+        """
+        mask = read_volume(mask, max_voxels=self.max_voxels, allow_constant=True).array
+        if mask.shape != tuple(metadata.canonical_shape):
+            raise VolumeError(
+                f"{metadata.volume.source}: the mask's shape {mask.shape} differs from the volume's "
+                f"{tuple(metadata.canonical_shape)}"
+            )
+        (d0, d1), (h0, h1), (w0, w1) = metadata.crop
+        binary = (mask[d0:d1, h0:h1, w0:w1] > 0).astype(np.float32)
+        # "nearest-exact" samples voxel centres; plain "nearest" shifts masks by up to a voxel towards the origin.
+        return resize_volume(binary, self.image_size, mode="nearest-exact")[None]
+
+    def postprocess_mask(self, mask, metadata: VolumeMetadata, threshold: float = 0.5) -> np.ndarray:
+        """A mask at model resolution -> a uint8 mask on the source file's own grid.
+
+        Args:
+            mask (`np.ndarray` or `torch.Tensor` of shape `(D, H, W)` or `(1, D, H, W)`): probabilities or a binary mask
+                at `image_size` (pass logits through a sigmoid first).
+            metadata (`VolumeMetadata`): from `preprocess_volume` of the same volume.
+            threshold (`float`, defaults to 0.5): probability above which a voxel is foreground.
+        """
+        mask = torch.as_tensor(np.asarray(mask, dtype=np.float32) if not torch.is_tensor(mask) else mask.float())
+        mask = mask.reshape(mask.shape[-3:])
+        (d0, d1), (h0, h1), (w0, w1) = metadata.crop
+        resized = resize_volume(mask, (d1 - d0, h1 - h0, w1 - w0)).numpy() > threshold
+        canonical = np.zeros(metadata.canonical_shape, dtype=np.uint8)
+        canonical[d0:d1, h0:h1, w0:w1] = resized
+        return metadata.volume.to_source_grid(canonical)
+
+    def save_mask_nifti(self, mask, metadata: VolumeMetadata, path: str | Path, threshold: float = 0.5) -> Path:
+        """Write a model-resolution mask as NIfTI on the source's grid with the source's affine."""
+        path = Path(path)
+        source_mask = self.postprocess_mask(mask, metadata, threshold)
+        nib.save(nib.Nifti1Image(source_mask, metadata.volume.affine), path)
+        return path
+
+    def __call__(self, volumes, masks=None, modality: str | None = None, window=None, return_tensors="pt",
+                 return_metadata: bool = False, **kwargs) -> BatchFeature:
+        return self.preprocess(volumes, masks=masks, modality=modality, window=window,
+                               return_tensors=return_tensors, return_metadata=return_metadata)
+
+    def preprocess(self, volumes, masks=None, modality: str | None = None, window=None, return_tensors="pt",
+                   return_metadata: bool = False, **kwargs) -> BatchFeature:
+        """Preprocess one volume or a list of them.
+
+        Args:
+            volumes: a volume (path, array, tensor, `Volume`) or a list of them.
+            masks (*optional*): one mask per volume (or `None` entries), on each volume's grid; adds `seg_masks`.
+            modality (`str`, *optional*), window (*optional*): override the processor's settings for this call.
+            return_metadata (`bool`, defaults to `False`): add `metadata`, a list of `VolumeMetadata`.
+
+        Returns:
+            `BatchFeature` with `pixel_values (B, 1, D, H, W)` float32, `seg_masks (B, 1, D, H, W)` and `has_mask (B,)`
+            when `masks` are given, and `metadata` on request.
+        """
+        single = not isinstance(volumes, (list, tuple))
+        volumes = [volumes] if single else list(volumes)
+        if masks is not None:
+            masks = [masks] if single and not isinstance(masks, (list, tuple)) else list(masks)
+            if len(masks) != len(volumes):
+                raise ValueError(f"{len(masks)} masks were given for {len(volumes)} volumes")
+        pixel_values, metadata = zip(*(self.preprocess_volume(v, modality, window) for v in volumes))
+        data = {"pixel_values": torch.stack(pixel_values)}
+        if masks is not None:
+            empty = torch.zeros(1, *self.image_size)
+            data["seg_masks"] = torch.stack(
+                [empty if m is None else self.preprocess_mask(m, meta) for m, meta in zip(masks, metadata)]
+            )
+            data["has_mask"] = torch.tensor([m is not None for m in masks])
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_metadata:
+            features["metadata"] = list(metadata)
+        return features
+
+
+__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "resize_volume"]
