@@ -7,6 +7,7 @@ import logging
 import sys
 
 from voxlm.training import quickstart
+from voxlm.training.data import phantom_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="3D medical vision-language models: data, training, evaluation and inference.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (quickstart,):
+    for module in (quickstart, phantom_dataset):
         module.add_parser(subparsers)
     return parser
 

@@ -1,0 +1,95 @@
+"""Streaming input: Hub-format rows -> decoded, preprocessed samples inside DataLoader workers.
+
+Rows stream lazily with `datasets` (`streaming=True`), are split across processes with `split_dataset_by_node` and
+across DataLoader workers by `datasets` itself (one worker per shard subset), shuffled in a buffer, then decoded and
+preprocessed by the model's own `VoxVolumeProcessor` in the worker. A row that cannot be decoded or preprocessed is
+skipped, counted and logged with its id: training never dies on one bad sample.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from voxlm.processing import VoxVolumeProcessor
+
+from .hub_format import decode_array
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("id", "patient_id", "question", "answer", "question_type", "report", "choices", "box", "mask_label")
+
+
+def stream_rows(path: str, config: str, split: str, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                seed: int = 0):
+    """A streaming `datasets.IterableDataset` of one config and split, this process's share of its shards.
+
+    Args:
+        path (`str`): a dataset folder or Hub repo id in voxlm's format.
+        config (`str`): `cap`, `vqa`, `pos`, `seg` or `refseg`.
+        split (`str`): `train`, `validation` or `test`.
+        rank (`int`), world_size (`int`): this process among the training processes.
+        shuffle_buffer (`int`, defaults to 0): rows in the shuffle buffer; 0 keeps the stored order.
+        seed (`int`): the shuffle seed (the epoch can be added to it).
+    """
+    rows = load_dataset(str(path), config, split=split, streaming=True)
+    if world_size > 1:
+        rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+    if shuffle_buffer > 0:
+        rows = rows.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return rows
+
+
+def preprocess_row(row: dict, processor: VoxVolumeProcessor) -> dict:
+    """One row -> a sample: `pixel_values (1, D, H, W)`, `seg_mask (1, D, H, W)` when the row has a mask, texts."""
+    volume = decode_array(row["image"])
+    pixel_values, metadata = processor.preprocess_volume(volume, modality=row.get("modality"))
+    sample = {key: row.get(key) for key in TEXT_FIELDS}
+    sample["pixel_values"] = pixel_values
+    if row.get("mask") is not None:
+        sample["seg_mask"] = processor.preprocess_mask(decode_array(row["mask"]), metadata)
+    return sample
+
+
+class PreprocessedStream(torch.utils.data.IterableDataset):
+    """Rows of a streaming dataset, decoded and preprocessed where they are iterated (in each DataLoader worker).
+
+    Args:
+        rows (`datasets.IterableDataset`): from `stream_rows`.
+        processor (`VoxVolumeProcessor`): the model's volume processor.
+        limit (`int`, *optional*): stop after this many good samples (per worker).
+
+    Attributes:
+        skipped (`int`): rows skipped in this process (counted per worker when workers are used; each skip is logged
+            with the row id).
+    """
+
+    def __init__(self, rows, processor: VoxVolumeProcessor, limit: int | None = None):
+        super().__init__()
+        self.rows = rows
+        self.processor = processor
+        self.limit = limit
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the buffer differently each epoch."""
+        self.rows.set_epoch(epoch)
+
+    def __iter__(self):
+        produced = 0
+        for row in self.rows:
+            try:
+                sample = preprocess_row(row, self.processor)
+            except (ValueError, OSError, EOFError, KeyError, TypeError) as error:
+                # A bad sample costs one sample, never the run.
+                self.skipped += 1
+                logger.warning("Skipping row %s: %s", row.get("id", "?"), error)
+                continue
+            sample["skipped_before"] = self.skipped
+            yield sample
+            produced += 1
+            if self.limit is not None and produced >= self.limit:
+                return
