@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
 from voxlm.modeling import (
+    VoxCLIPConfig,
+    VoxCLIPModel,
     VoxLMConfig,
     VoxLMForConditionalGeneration,
     VoxSegConfig,
@@ -21,10 +23,11 @@ __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    for config_class in (VoxViTConfig, VoxSegConfig, VoxLMConfig):
+    for config_class in (VoxViTConfig, VoxSegConfig, VoxLMConfig, VoxCLIPConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(VoxViTConfig, VoxViTModel, exist_ok=True)
     AutoModel.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
+    AutoModel.register(VoxCLIPConfig, VoxCLIPModel, exist_ok=True)
     AutoModelForImageTextToText.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
     AutoImageProcessor.register(VoxLMConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoImageProcessor.register(VoxViTConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
@@ -34,11 +37,15 @@ def _register_auto_classes() -> None:
     VoxViTModel.register_for_auto_class("AutoModel")
     VoxLMConfig.register_for_auto_class("AutoConfig")
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    VoxCLIPConfig.register_for_auto_class("AutoConfig")
+    VoxCLIPModel.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()
 
 __all__ = [
+    "VoxCLIPConfig",
+    "VoxCLIPModel",
     "VoxViTConfig",
     "VoxViTModel",
     "VoxLMConfig",

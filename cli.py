@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from voxlm.training import quickstart
+from voxlm.training import quickstart, train_clip
 from voxlm.training.data import phantom_dataset
 
 
@@ -18,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (quickstart, phantom_dataset):
         module.add_parser(subparsers)
+    train = subparsers.add_parser("train", help="run a training stage (pretrain-clip, ...)")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in (train_clip,):
+        stage.add_parser(stages)
     return parser
 
 

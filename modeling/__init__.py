@@ -1,8 +1,10 @@
 """voxlm's models. These files depend only on torch, transformers and einops and import each other relatively,
 so `save_pretrained` can copy them next to the weights for `trust_remote_code` users."""
 
+from .configuration_voxclip import VoxCLIPConfig
 from .configuration_voxlm import VoxLMConfig, VoxSegConfig
 from .configuration_voxvit import VoxViTConfig
+from .modeling_voxclip import VoxCLIPModel
 from .modeling_voxlm import VoxLMForConditionalGeneration, VoxLMPreTrainedModel
 from .modeling_voxvit import VoxViTModel, VoxViTPreTrainedModel
 
@@ -14,4 +16,6 @@ __all__ = [
     "VoxSegConfig",
     "VoxLMForConditionalGeneration",
     "VoxLMPreTrainedModel",
+    "VoxCLIPConfig",
+    "VoxCLIPModel",
 ]

@@ -48,3 +48,65 @@ def bce_loss(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets (`torch.Tensor` of shape `(B, 1, D, H, W)`): binary masks.
     """
     return F.binary_cross_entropy_with_logits(mask_logits.float(), _binary_targets(targets))
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor across processes, keeping gradients (identity in a single process).
+
+    With every process computing the loss over the global batch, `all_gather`'s backward (a sum over processes) and
+    DDP's gradient averaging give exactly the gradients of one process holding the whole batch.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def infonce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): pair i of the batch is the positive of row i and of column i.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `(N, P)`), text_embeds (`torch.Tensor` of shape `(N, P)`): L2-normalised.
+        logit_scale (`torch.Tensor`): the log temperature; logits are `exp(logit_scale) * cosine`.
+    """
+    logits = logit_scale.exp() * image_embeds @ text_embeds.T  # (N, N)
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def siglip_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: every pair is a binary problem (positive on the diagonal), summed per image.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `(N, P)`), text_embeds (`torch.Tensor` of shape `(N, P)`): L2-normalised.
+        logit_scale (`torch.Tensor`), logit_bias (`torch.Tensor`): logits are `exp(scale) * cosine + bias`.
+    """
+    logits = logit_scale.exp() * image_embeds @ text_embeds.T + logit_bias  # (N, N)
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+def inter_patient_targets(text_embeds: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """MG-3D's soft targets from report-report cosine similarity.
+
+    Note: our reading of MG-3D (arXiv 2412.05876): pairs at or above `high` describe the same findings and are
+    positives (target 1), pairs at or below `low` are unrelated (target 0), and pairs in between keep their
+    similarity as a soft target.
+
+    Args:
+        text_embeds (`torch.Tensor` of shape `(N, P)`): L2-normalised report embeddings (detached by the caller).
+        low (`float`), high (`float`): the two thresholds (0.6 and 0.9 in MG-3D).
+    """
+    similarity = text_embeds @ text_embeds.T  # (N, N)
+    targets = torch.where(similarity >= high, torch.ones_like(similarity), similarity)
+    return torch.where(similarity <= low, torch.zeros_like(similarity), targets)
+
+
+def inter_patient_loss(image_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L1 between image-image cosine similarity `(N, N)` and the soft targets (MG-3D's inter-patient term)."""
+    return (image_embeds @ image_embeds.T - targets).abs().mean()

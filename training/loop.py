@@ -1,0 +1,254 @@
+"""The run machinery every training stage shares, over Accelerate: settings, optimizer and schedule, the step loop
+with accumulation, logging, a progress bar, checkpoints, exact resumption, and the final `save_pretrained`.
+
+A stage supplies a model, a function that yields batches for an epoch (this process's share of a deterministic
+stream), and a `train_step(model, batch) -> (loss, logs)`. Resumption restores model, optimizer, schedule and RNG
+state with `accelerator.load_state` and skips the batches already consumed, so the loss curve continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    """How a stage runs (not what it trains).
+
+    Args:
+        output_dir (`str`): checkpoints, logs and the final model go here.
+        max_steps (`int`): optimizer steps.
+        batch_size (`int`): samples per process per micro-batch.
+        gradient_accumulation_steps (`int`): micro-batches per optimizer step.
+        learning_rate (`float`), weight_decay (`float`), warmup_steps (`int`), max_grad_norm (`float`): AdamW with a
+            cosine schedule after a linear warm-up, and gradient clipping.
+        mixed_precision (`str`): `"no"`, `"bf16"` or `"fp16"`.
+        checkpoint_every (`int`): save a resumable checkpoint every N steps (0: only at the end).
+        log_every (`int`): log every N steps.
+        seed (`int`): seeds model initialisation, shuffling and dropout.
+        resume (`bool`): continue from the last checkpoint in `output_dir`.
+        tracker (`str`, *optional*): an Accelerate tracker (`"tensorboard"`, `"wandb"`, ...) or `None`.
+        num_workers (`int`): DataLoader workers per process.
+    """
+
+    output_dir: str = "runs/voxlm"
+    max_steps: int = 100
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    tracker: str | None = "tensorboard"
+    num_workers: int = 0
+
+
+def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
+    """A (nested) settings dataclass from a YAML file plus `key=value` overrides (`run.max_steps=10`)."""
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    for dotted, value in (overrides or {}).items():
+        target = values
+        *parents, last = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = yaml.safe_load(value) if isinstance(value, str) else value
+    return build_dataclass(cls, values or {})
+
+
+def build_dataclass(cls, values: dict):
+    """Instantiate a dataclass from a dict, recursing into dataclass-typed fields and naming unknown keys."""
+    known = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"Unknown settings for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        field = known[name]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if dataclasses.is_dataclass(default):
+            value = build_dataclass(type(default), value)
+        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = float(value)  # YAML reads "3e-4" as a string
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["run.max_steps=10", ...]` -> `{"run.max_steps": "10", ...}`."""
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"Override {pair!r} is not of the form key=value")
+        key, value = pair.split("=", 1)
+        overrides[key] = value
+    return overrides
+
+
+class StepCounter:
+    """The optimizer step, saved and restored with Accelerate's checkpoints."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, without weight decay on biases, norms and embeddings (AdamW convention)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_vector = parameter.dim() < 2 or "embed" in name or "norm" in name or "token" in name
+        (no_decay if is_vector else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_accelerator(settings: RunSettings) -> Accelerator:
+    project = ProjectConfiguration(
+        project_dir=settings.output_dir, automatic_checkpoint_naming=True, total_limit=2
+    )
+    return Accelerator(
+        # Without CUDA, a torchrun / `accelerate launch --multi_gpu` job must be told it is a multi-CPU (gloo) job.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        project_config=project,
+        log_with=settings.tracker,
+    )
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    folder = Path(output_dir) / "checkpoints"
+    checkpoints = sorted(folder.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if folder.exists() else []
+    return checkpoints[-1] if checkpoints else None
+
+
+def move_to(batch: dict, device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def run_training(
+    model: torch.nn.Module,
+    batches_for_epoch: Callable[[int], Iterable[dict]],
+    train_step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    settings: RunSettings,
+    accelerator: Accelerator | None = None,
+    stage: str = "train",
+) -> tuple[torch.nn.Module, list[dict], Accelerator]:
+    """Train until `settings.max_steps` optimizer steps.
+
+    Args:
+        model (`torch.nn.Module`): what to train (its `requires_grad` flags say which parameters).
+        batches_for_epoch (`Callable[[int], Iterable[dict]]`): this process's batches for an epoch, deterministic per
+            epoch (so a resumed run sees the same batches).
+        train_step (`Callable`): `(model, batch) -> (loss, logs)`, the stage's own step.
+        settings (`RunSettings`): how to run.
+        accelerator (`Accelerator`, *optional*): reuse one (the data split needs its process index first).
+        stage (`str`): the name used for the tracker run and the progress bar.
+
+    Returns:
+        `(model, history, accelerator)`: the prepared model, the logged loss per optimizer step, and the accelerator.
+    """
+    accelerator = accelerator or build_accelerator(settings)
+    set_seed(settings.seed)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    counter = StepCounter()
+    accelerator.register_for_checkpointing(counter)
+    checkpoint = latest_checkpoint(settings.output_dir) if settings.resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
+        logger.info("Resumed from %s at step %d", checkpoint, counter.step)
+    if settings.tracker:
+        accelerator.init_trackers(stage, config={k: v for k, v in dataclasses.asdict(settings).items() if v is not None})
+    history_path = Path(settings.output_dir) / f"{stage}_history.jsonl"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    history = []
+    consumed = counter.step * settings.gradient_accumulation_steps  # micro-batches already trained on
+    progress = tqdm(total=settings.max_steps, initial=counter.step, desc=stage, disable=not accelerator.is_main_process)
+    model.train()
+    micro_batch = 0
+    for epoch in count():
+        if counter.step >= settings.max_steps:
+            break
+        seen_in_epoch = 0
+        for batch in batches_for_epoch(epoch):
+            if micro_batch < consumed:  # resuming: these batches were trained on before the checkpoint
+                micro_batch += 1
+                seen_in_epoch += 1
+                continue
+            micro_batch += 1
+            seen_in_epoch += 1
+            with accelerator.accumulate(model):
+                loss, logs = train_step(model, move_to(batch, accelerator.device))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            counter.step += 1
+            record = {"step": counter.step, "loss": loss.detach().float().item(), "lr": scheduler.get_last_lr()[0]}
+            record.update({key: float(value) for key, value in logs.items()})
+            history.append(record)
+            if accelerator.is_main_process:
+                with open(history_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if settings.tracker and (counter.step % settings.log_every == 0 or counter.step == 1):
+                accelerator.log(record, step=counter.step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if settings.checkpoint_every and counter.step % settings.checkpoint_every == 0:
+                accelerator.save_state()
+            if counter.step >= settings.max_steps:
+                break
+        if seen_in_epoch == 0:
+            raise ValueError(f"{stage}: the training data of this process is empty; nothing to train on")
+    progress.close()
+    return model, history, accelerator
+
+
+def save_final(model, accelerator: Accelerator, folder: str | Path, processor=None) -> Path:
+    """Save the trained model (weights gathered first, as DeepSpeed ZeRO-3 needs) and its processor, then close the
+    trackers and the process group."""
+    folder = Path(folder)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    if processor is not None and accelerator.is_main_process:
+        processor.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return folder
+
