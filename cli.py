@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from voxlm.training import quickstart, train_clip
+from voxlm.training import finetune, pretrain_projector, quickstart, train_clip
 from voxlm.training.data import phantom_dataset
 
 
@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(subparsers)
     train = subparsers.add_parser("train", help="run a training stage (pretrain-clip, ...)")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in (train_clip,):
+    for stage in (train_clip, pretrain_projector, finetune):
         stage.add_parser(stages)
+    finetune.add_merge_parser(subparsers)
     return parser
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -44,6 +44,8 @@ class RunSettings:
         resume (`bool`): continue from the last checkpoint in `output_dir`.
         tracker (`str`, *optional*): an Accelerate tracker (`"tensorboard"`, `"wandb"`, ...) or `None`.
         num_workers (`int`): DataLoader workers per process.
+        find_unused_parameters (`bool`): DDP setting for models with parameters some batches do not use (VoxLM's
+            segmentation head on batches without masks).
     """
 
     output_dir: str = "runs/voxlm"
@@ -61,6 +63,7 @@ class RunSettings:
     resume: bool = False
     tracker: str | None = "tensorboard"
     num_workers: int = 0
+    find_unused_parameters: bool = False
 
 
 def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
@@ -75,22 +78,23 @@ def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
     return build_dataclass(cls, values or {})
 
 
-def build_dataclass(cls, values: dict):
-    """Instantiate a dataclass from a dict, recursing into dataclass-typed fields and naming unknown keys."""
+def build_dataclass(cls, values: dict, base=None):
+    """Instantiate a dataclass from a dict (over `base`, or the defaults), recursing into dataclass-typed fields, so a
+    nested section keeps the defaults its parent gives it; unknown keys raise `ValueError` naming them."""
+    base = base if base is not None else cls()
     known = {field.name: field for field in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"Unknown settings for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
-        field = known[name]
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        default = getattr(base, name)
         if dataclasses.is_dataclass(default):
-            value = build_dataclass(type(default), value)
+            value = build_dataclass(type(default), value, base=default)
         elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
             value = float(value)  # YAML reads "3e-4" as a string
-        kwargs[name] = value
-    return cls(**kwargs)
+        changes[name] = value
+    return dataclasses.replace(base, **changes)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -139,6 +143,7 @@ def build_accelerator(settings: RunSettings) -> Accelerator:
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         project_config=project,
         log_with=settings.tracker,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=settings.find_unused_parameters)],
     )
 
 

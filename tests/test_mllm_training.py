@@ -1,0 +1,116 @@
+"""The MLLM stages on phantoms: align then LoRA fine-tuning with segmentation, saved folders that load and generate,
+merge-lora, a 2-process fine-tuning run, and SmolLM2 (a real LLM, loaded offline) with LoRA."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor
+
+import voxlm  # noqa: F401
+from voxlm.training import finetune, pretrain_projector
+from voxlm.training.assemble import ModelSettings, build_voxlm
+from voxlm.training.data import write_phantom_dataset
+from voxlm.training.loop import parse_overrides
+from voxlm.training.mllm import MLLMSettings, lm_train_step
+from voxlm.training.trainable import LoraSettings, apply_lora
+
+TINY_MODEL = [
+    "model.llm=tiny-llama",
+    "model.image_size=[8,32,32]",
+    "model.vision_config={patch_size: [2,8,8], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+    "num_attention_heads: 4}",
+    "model.seg_config={hidden_size: 32, num_attention_heads: 4, intermediate_size: 64}",
+]
+
+
+def settings(pairs) -> MLLMSettings:
+    from voxlm.training.loop import load_settings
+
+    return load_settings(MLLMSettings, None, parse_overrides(pairs))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mllm")
+    write_phantom_dataset(root / "data", num_cases=10, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
+    common = [f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null", "run.max_steps=2"]
+    aligned = pretrain_projector.train(settings([*common, *TINY_MODEL, f"run.output_dir={root / 'align'}"]))
+    tuned = finetune.train(settings([*common, f"init_from={aligned}", "lora.r=4", "lora.alpha=8",
+                                     "data.tasks={seg: 1.0}", f"run.output_dir={root / 'finetune'}"]))
+    return root, aligned, tuned
+
+
+def test_align_changes_only_the_projector_and_new_tokens(stages):
+    root, aligned, _ = stages
+    before, _ = build_voxlm(settings([*TINY_MODEL]).model, seed=0)
+    after = AutoModel.from_pretrained(aligned)
+    changed = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
+    # The tiny Llama ties its output head to the input embeddings, so both names show the same rows.
+    allowed = ("multi_modal_projector", "language_model.model.embed_tokens", "language_model.lm_head")
+    assert any(n.startswith("multi_modal_projector") for n in changed)
+    assert all(n.startswith(allowed) for n in changed), changed
+    rows_changed = (after.get_input_embeddings().weight != before.get_input_embeddings().weight).any(dim=1)
+    new_ids = {after.config.image_token_id, after.config.seg_token_id, after.config.box_start_token_id,
+               after.config.box_end_token_id}
+    assert set(rows_changed.nonzero().flatten().tolist()) <= new_ids
+
+
+def test_finetuned_folder_loads_and_answers_with_masks(stages):
+    _, _, tuned = stages
+    model = AutoModel.from_pretrained(tuned / "model").eval()
+    processor = AutoProcessor.from_pretrained(tuned / "model")
+    assert (tuned / "adapter" / "adapter_config.json").is_file()
+    volume = torch.rand(16, 32, 32) * 80
+    inputs = processor(images=[volume], text=["Segment the hemorrhage in this CT."])
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_masks=True)
+    answers = processor.post_process_generation(output.sequences[:, inputs["input_ids"].shape[1] :])
+    assert len(answers) == 1 and isinstance(answers[0]["text"], str)
+    assert (output.masks[0] is not None) == answers[0]["has_seg"]
+
+
+def test_merge_lora_reproduces_the_merged_model(stages, tmp_path):
+    _, aligned, tuned = stages
+    merged = finetune.merge_lora(aligned, tuned / "adapter", tmp_path / "merged")
+    ours = AutoModel.from_pretrained(merged).state_dict()
+    reference = AutoModel.from_pretrained(tuned / "model").state_dict()
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], msg=name)
+
+
+def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
+    root, aligned, _ = stages
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+               "voxlm.training.finetune", f"init_from={aligned}", f"data.path={root / 'data'}", "run.batch_size=1",
+               "run.tracker=null", "run.max_steps=2", "lora.r=4", "lora.alpha=8", f"run.output_dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert type(AutoModel.from_pretrained(tmp_path / "final" / "model")).__name__ == "VoxLMForConditionalGeneration"
+
+
+def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():
+    model, processor = build_voxlm(ModelSettings(
+        llm="smollm2", image_size=[8, 32, 32], seg=False,
+        vision_config=dict(patch_size=[2, 8, 8], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4),
+    ))
+    assert model.config.text_config.model_type == "llama" and model.config.text_config.hidden_size == 576
+    model = apply_lora(model, LoraSettings(r=4, alpha=8))
+    volume = torch.rand(16, 32, 32) * 80
+    batch = dict(processor(images=[volume], text=["Is there a bleed?"], answers=["No."]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss, logs = lm_train_step(model, batch)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and "lm_loss" in logs
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert lora_grads and any(g.abs().sum() > 0 for g in lora_grads)
+    model.eval()
+    inputs = processor(images=[volume], text=["Describe this head CT."])
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]

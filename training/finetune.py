@@ -1,0 +1,80 @@
+"""Stage `finetune` (seed 002, stage 2): LoRA on the LLM plus the projector, the segmentation head and optionally the
+encoder; samples with masks add Dice + BCE. Saves the adapter (PEFT format) and the merged model, both loadable.
+
+    voxlm train finetune --config training/configs/finetune_phantoms.yaml init_from=runs/align/final
+    voxlm merge-lora --base runs/align/final --adapter runs/finetune/final/adapter --out merged/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
+from voxlm.training.trainable import apply_lora
+
+logger = logging.getLogger(__name__)
+
+
+def train(settings: MLLMSettings) -> Path:
+    """Run the stage; return the folder holding `adapter/` (PEFT) and `model/` (merged, loads with `AutoModel`)."""
+    model, processor, accelerator = train_stage(settings, lambda model: apply_lora(model, settings.lora), "finetune")
+    final = Path(settings.run.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathered across ZeRO-3 shards
+    peft_model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(final / "adapter", state_dict=state_dict)
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(final / "model")
+        processor.save_pretrained(final / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Merge a LoRA adapter into its base VoxLM and save a plain checkpoint (with the base's processor)."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoProcessor
+
+    import voxlm  # noqa: F401
+
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(adapter)).merge_and_unload()
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    for card in Path(adapter).glob("README.md"):
+        shutil.copy(card, Path(out) / "ADAPTER_README.md")
+    return Path(out)
+
+
+def add_parser(subparsers) -> None:
+    add_stage_parser(subparsers, "finetune", "fine-tune with LoRA (and segmentation)",
+                     "voxlm train finetune --config training/configs/finetune_phantoms.yaml init_from=runs/align/final",
+                     train)
+
+
+def add_merge_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "merge-lora", help="merge a LoRA adapter into its base model",
+        description="Example: voxlm merge-lora --base runs/align/final --adapter runs/finetune/final/adapter "
+        "--out merged/", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the base VoxLM folder (the model the adapter was trained on)")
+    parser.add_argument("--adapter", required=True, help="the PEFT adapter folder")
+    parser.add_argument("--out", required=True, help="where the merged model goes")
+    parser.set_defaults(func=lambda args: logger.info("Merged into %s", merge_lora(args.base, args.adapter, args.out)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="voxlm.training.finetune")
+    add_parser(parser.add_subparsers(dest="stage", required=True))
+    args = parser.parse_args(["finetune", *(argv or [])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""What the two MLLM stages (`align`, `finetune`) share: settings, the model they start from, the task mix of streamed
+instruction data, and the step (LM loss, plus Dice + BCE for samples with masks)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from datasets import interleave_datasets
+
+from voxlm.training.assemble import ModelSettings, build_voxlm
+from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_rows
+from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training
+from voxlm.training.trainable import LoraSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstructionDataSettings:
+    """Streamed instruction data and its task mix.
+
+    Args:
+        path (`str`): a dataset folder or Hub id in voxlm's format.
+        split (`str`): the split to train on.
+        tasks (`dict[str, float]`): configs and their sampling probabilities (normalised), e.g.
+            `{vqa: 0.6, seg: 0.2, pos: 0.1, cap: 0.1}`.
+        shuffle_buffer (`int`): rows in the shuffle buffer.
+    """
+
+    path: str = ""
+    split: str = "train"
+    tasks: dict = field(default_factory=lambda: {"vqa": 0.6, "seg": 0.2, "pos": 0.1, "cap": 0.1})
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class MLLMSettings:
+    """A stage's settings: `init_from` (a saved VoxLM folder: the previous stage's output) or `model` to assemble one,
+    `lora` (fine-tuning only), `data` and `run`."""
+
+    init_from: str | None = None
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: InstructionDataSettings = field(default_factory=InstructionDataSettings)
+    run: RunSettings = field(default_factory=lambda: RunSettings(find_unused_parameters=True))
+
+
+def load_model(settings: MLLMSettings):
+    """`(model, processor)`: loaded from `init_from`, or assembled from `settings.model`."""
+    if settings.init_from:
+        from transformers import AutoModel, AutoProcessor
+
+        import voxlm  # noqa: F401  (registers the Auto classes)
+
+        return AutoModel.from_pretrained(settings.init_from), AutoProcessor.from_pretrained(settings.init_from)
+    return build_voxlm(settings.model, seed=settings.run.seed)
+
+
+def mixed_rows(data: InstructionDataSettings, rank: int, world_size: int, seed: int):
+    """Rows of several configs interleaved with the task-mix probabilities (each config split across processes)."""
+    if not data.path:
+        raise ValueError("data.path is required: a dataset folder or Hub id in voxlm's format")
+    total = sum(data.tasks.values())
+    if total <= 0:
+        raise ValueError(f"data.tasks needs positive probabilities, got {data.tasks}")
+    streams = [stream_rows(data.path, config, data.split, rank, world_size, data.shuffle_buffer, seed)
+               for config in data.tasks]
+    probabilities = [weight / total for weight in data.tasks.values()]
+    if len(streams) == 1:
+        return streams[0]
+    return interleave_datasets(streams, probabilities=probabilities, seed=seed, stopping_strategy="first_exhausted")
+
+
+def lm_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """One step of either stage: the model's own loss, with its components for logging."""
+    output = model(**batch)
+    logs = {"lm_loss": output.lm_loss.detach()}
+    if output.seg_dice_loss is not None:
+        logs["seg_dice_loss"] = output.seg_dice_loss.detach()
+        logs["seg_bce_loss"] = output.seg_bce_loss.detach()
+    return output.loss, logs
+
+
+def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
+    """Build or load the model, let `prepare_trainable(model) -> model` choose what trains, and run the stage.
+
+    Returns:
+        `(model, processor, accelerator)`: the trained (prepared) model, its processor and the accelerator.
+    """
+    set_seed(settings.run.seed)
+    model, processor = load_model(settings)
+    model = prepare_trainable(model)
+    accelerator = build_accelerator(settings.run)
+    collator = InstructionCollator(processor)
+    volume_processor = processor.image_processor
+
+    def batches_for_epoch(epoch: int):
+        rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, settings.run.seed + epoch)
+        return torch.utils.data.DataLoader(PreprocessedStream(rows, volume_processor), batch_size=settings.run.batch_size,
+                                           num_workers=settings.run.num_workers, collate_fn=collator)
+
+    model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage)
+    return model, processor, accelerator
+
+
+def add_stage_parser(subparsers, name: str, help_text: str, example: str, run) -> None:
+    """The command of a stage: `--config FILE`, `--resume` and `section.key=value` overrides."""
+    parser = subparsers.add_parser(name, help=help_text, description=f"{help_text}.\nExample: {example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML settings (sections init_from, model, lora, data, run)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
+    parser.set_defaults(func=lambda args: run(settings_from_args(args)))
+
+
+def settings_from_args(args) -> MLLMSettings:
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["run.resume"] = "true"
+    return load_settings(MLLMSettings, args.config, overrides)

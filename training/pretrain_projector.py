@@ -1,0 +1,47 @@
+"""Stage `align` (seed 002, stage 1): train the projector and the new token embeddings; encoder and LLM frozen.
+
+    voxlm train align --config training/configs/align_phantoms.yaml
+    accelerate launch --config_file training/configs/accelerate/multi_gpu_ddp.yaml -m voxlm.training.pretrain_projector --config ...
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from voxlm.training.loop import save_final
+from voxlm.training.mllm import MLLMSettings, add_stage_parser, settings_from_args, train_stage
+from voxlm.training.trainable import freeze_for_align
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_for_align(model):
+    freeze_for_align(model)
+    return model
+
+
+def train(settings: MLLMSettings) -> Path:
+    """Run the stage; return the folder of the aligned model (weights, code, processor)."""
+    model, processor, accelerator = train_stage(settings, prepare_for_align, stage="align")
+    return save_final(model, accelerator, Path(settings.run.output_dir) / "final", processor)
+
+
+def add_parser(subparsers) -> None:
+    add_stage_parser(subparsers, "align", "align the projector and new tokens (encoder and LLM frozen)",
+                     "voxlm train align --config training/configs/align_phantoms.yaml data.path=data/phantoms", train)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="voxlm.training.pretrain_projector")
+    add_parser(parser.add_subparsers(dest="stage", required=True))
+    args = parser.parse_args(["align", *(argv or [])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
