@@ -1,0 +1,72 @@
+"""Model-facing evaluation: batched greedy generation (left padding) over dataset rows, scored with `metrics`."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .metrics import closed_vqa_accuracy, dice, retrieval_recall
+
+
+def batched(iterable, size: int):
+    iterator = iter(iterable)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples: list[dict], max_new_tokens: int = 16, return_masks: bool = False):
+    """Greedy answers (and mask logits) for preprocessed samples (`pixel_values`, `question`)."""
+    inputs = processor(text=[sample["question"] for sample in samples], padding_side="left")
+    inputs["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_masks=return_masks)
+    sequences = output.sequences if return_masks else output
+    answers = processor.post_process_generation(sequences[:, inputs["input_ids"].shape[1] :])
+    return answers, (output.masks if return_masks else None)
+
+
+def evaluate_closed_vqa(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 8) -> dict:
+    """M3D's closed-VQA accuracy and exact match over samples with `question_type == "closed"`."""
+    outputs, answers, predictions = [], [], []
+    model.eval()
+    for batch in tqdm(list(batched(samples, batch_size)), desc="closed VQA"):
+        generated, _ = generate_answers(model, processor, batch, max_new_tokens)
+        outputs += [g["text"] for g in generated]
+        answers += [sample["answer"] for sample in batch]
+        predictions += [{"id": s["id"], "output": g["text"], "answer": s["answer"]} for s, g in zip(batch, generated)]
+    return {**closed_vqa_accuracy(outputs, answers), "num_samples": len(outputs), "predictions": predictions}
+
+
+def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_new_tokens: int = 8) -> dict:
+    """Soft Dice (M3D) and hard Dice of the masks the model writes `[SEG]` for; no `[SEG]` scores 0."""
+    soft, hard = [], []
+    model.eval()
+    for batch in tqdm(list(batched(samples, batch_size)), desc="segmentation"):
+        _, masks = generate_answers(model, processor, batch, max_new_tokens, return_masks=True)
+        for sample, mask in zip(batch, masks):
+            target = sample["seg_mask"].numpy()
+            probabilities = np.zeros_like(target) if mask is None else mask.sigmoid().cpu().numpy()
+            soft.append(dice(probabilities, target))
+            hard.append(dice(probabilities, target, threshold=0.5))
+    return {"dice_soft": float(np.mean(soft)), "dice_hard": float(np.mean(hard)), "num_samples": len(soft)}
+
+
+@torch.no_grad()
+def evaluate_retrieval(clip_model, tokenizer, samples, pool_size: int = 100, max_length: int = 128) -> dict:
+    """Image-report retrieval recall among the first `pool_size` pairs (M3D-Bench uses 2,000)."""
+    samples = list(islice(samples, pool_size))
+    clip_model.eval()
+    text = tokenizer([s["report"] for s in samples], padding=True, truncation=True, max_length=max_length,
+                     return_tensors="pt", return_token_type_ids=False)
+    image_embeds = torch.cat([
+        clip_model.get_image_features(torch.stack([s["pixel_values"] for s in batch]))
+        for batch in batched(samples, 16)
+    ])
+    text_embeds = clip_model.get_text_features(text["input_ids"], text["attention_mask"])
+    similarity = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+    return {**retrieval_recall(similarity.numpy()), "pool_size": len(samples)}

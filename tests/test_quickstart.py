@@ -1,0 +1,37 @@
+"""The quickstart end to end at a tiny size: every stage runs, results are written, and the folder it leaves loads
+with AutoModel in a new process and answers."""
+
+import json
+import os
+import subprocess
+import sys
+
+from voxlm.training.quickstart import QuickstartSettings, run_quickstart
+
+LOAD_AND_ANSWER = """
+import sys, numpy as np, voxlm
+from transformers import AutoModel, AutoProcessor
+from voxlm.training.data import generate_case
+model, processor = AutoModel.from_pretrained(sys.argv[1]), AutoProcessor.from_pretrained(sys.argv[1])
+case = generate_case(123456, shape=(32, 48, 48))
+inputs = processor(images=[case.volume], text=["Is there an intracranial hemorrhage?"])
+ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+print(processor.post_process_generation(ids[:, inputs["input_ids"].shape[1]:])[0]["text"])
+"""
+
+
+def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
+    settings = QuickstartSettings(output_dir=str(tmp_path), num_cases=16, phantom_shape=[32, 48, 48],
+                                  image_size=[16, 48, 48], clip_steps=2, align_steps=2, finetune_steps=2,
+                                  batch_size=4, eval_samples=4)
+    results = run_quickstart(settings)
+    assert {r["task"] for r in results} == {"closed VQA", "segmentation", "retrieval"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in results)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == results
+    model_dir = tmp_path / "finetune" / "final" / "model"
+    card = (model_dir / "README.md").read_text()
+    assert "model-index" in card and "clinical decision-making" in card
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(model_dir)], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
