@@ -6,6 +6,7 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .configuration_voxlm import auto_text_config
 from .configuration_voxvit import VoxViTConfig
 
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
@@ -52,12 +53,7 @@ class VoxCLIPConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = VoxViTConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
-        if isinstance(text_config, dict):
-            if "model_type" not in text_config:
-                raise ValueError("`text_config` given as a dict needs a `model_type` (e.g. 'bert')")
-            text_config = dict(text_config)
-            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-        self.text_config = text_config if text_config is not None else AutoConfig.for_model("bert")
+        self.text_config = auto_text_config(text_config, "bert", "'bert'")
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
         self.text_pooling = text_pooling

@@ -16,6 +16,18 @@ VOXLM_AUTO_MAP = {
 }
 
 
+def auto_text_config(text_config, default_model_type: str, examples: str) -> PretrainedConfig:
+    """A sub-config given as a config, a dict with its `model_type`, or `None` (the default model type's defaults)."""
+    if text_config is None:
+        return AutoConfig.for_model(default_model_type)
+    if isinstance(text_config, dict):
+        if "model_type" not in text_config:
+            raise ValueError(f"`text_config` given as a dict needs a `model_type` (e.g. {examples})")
+        text_config = dict(text_config)
+        return AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+    return text_config
+
+
 class VoxSegConfig(PretrainedConfig):
     r"""
     Configuration of the promptable 3D mask decoder that turns a `[SEG]` hidden state into mask logits.
@@ -114,14 +126,7 @@ class VoxLMConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = VoxViTConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
-        if isinstance(text_config, dict):
-            if "model_type" not in text_config:
-                raise ValueError("`text_config` given as a dict needs a `model_type` (e.g. 'llama', 'phi3', 'qwen2')")
-            text_config = dict(text_config)
-            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-        if text_config is None:
-            text_config = AutoConfig.for_model("llama")
-        self.text_config = text_config
+        self.text_config = auto_text_config(text_config, "llama", "'llama', 'phi3', 'qwen2'")
         if isinstance(seg_config, dict):
             seg_config = VoxSegConfig(**seg_config)
         self.seg_config = seg_config

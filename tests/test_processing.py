@@ -302,3 +302,21 @@ def test_text_processor_round_trip_and_decoding(text_processor, tmp_path):
     ids = text_processor.tokenizer("It is here [SEG] " + format_box([0.1] * 6) + "<|im_end|>", add_special_tokens=False)
     decoded = loaded.post_process_generation(torch.tensor([ids["input_ids"]]))[0]
     assert decoded["has_seg"] and decoded["boxes"] == [[0.1] * 6] and "<|im_end|>" not in decoded["text"]
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_read_like_the_same_nifti(tmp_path, suffix):
+    import SimpleITK as sitk
+
+    ct = synthetic_ct()
+    spacing = (0.8, 0.9, 2.5)
+    nifti = read_volume(save_nifti(ct, np.diag([*spacing, 1.0]), tmp_path / "ct.nii.gz"))
+    image = sitk.GetImageFromArray(np.transpose(ct, (2, 1, 0)))  # SimpleITK arrays are (z, y, x)
+    image.SetSpacing(spacing)
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # LPS storage of the same RAS axes
+    image.SetOrigin((0.0, 0.0, 0.0))
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(image, str(path))
+    other = read_volume(path)
+    np.testing.assert_array_equal(other.array, nifti.array)
+    assert other.spacing == pytest.approx(nifti.spacing)
