@@ -21,8 +21,8 @@ print(processor.post_process_generation(ids[:, inputs["input_ids"].shape[1]:])[0
 
 
 def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
-    settings = QuickstartSettings(output_dir=str(tmp_path), num_cases=16, phantom_shape=[32, 48, 48],
-                                  image_size=[16, 48, 48], clip_steps=2, align_steps=2, finetune_steps=2,
+    settings = QuickstartSettings(output_dir=str(tmp_path), num_cases=16, phantom_shape=[32, 64, 64],
+                                  image_size=[16, 64, 64], clip_steps=2, align_steps=2, finetune_steps=2,
                                   batch_size=4, eval_samples=4)
     results = run_quickstart(settings)
     assert {r["task"] for r in results} == {"closed VQA", "segmentation", "retrieval"}

@@ -1,0 +1,45 @@
+"""Zero-shot classification with a VoxCLIP: each class is the mean embedding of several prompts (a prompt ensemble),
+since single prompts give unstable results (as Merlin and HLIP users report)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = (
+    "{}.",
+    "Findings: {}.",
+    "Impression: {}.",
+    "Non-contrast head CT showing {}.",
+    "The scan demonstrates {}.",
+)
+
+
+@torch.no_grad()
+def class_embeddings(clip_model, tokenizer, class_prompts: dict[str, list[str]], templates=DEFAULT_TEMPLATES):
+    """One normalised embedding per class: the mean over its prompts x templates, normalised again.
+
+    Args:
+        clip_model (`VoxCLIPModel`): the pre-trained pair.
+        tokenizer: its text tokenizer.
+        class_prompts (`dict[str, list[str]]`): class name -> descriptions (e.g. `{"hemorrhage": ["acute
+            intracranial hemorrhage"], "normal": ["no acute intracranial abnormality"]}`).
+        templates (`tuple[str, ...]`): sentence templates with one `{}` for the description.
+
+    Returns:
+        `torch.Tensor` of shape `(C, P)`, rows in the order of `class_prompts`.
+    """
+    rows = []
+    for prompts in class_prompts.values():
+        texts = [template.format(prompt) for prompt in prompts for template in templates]
+        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt", return_token_type_ids=False)
+        embeds = F.normalize(clip_model.get_text_features(tokens["input_ids"], tokens["attention_mask"]), dim=-1)
+        rows.append(F.normalize(embeds.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_probabilities(clip_model, pixel_values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Class probabilities `(B, C)` for volumes `(B, C_in, D, H, W)` against class embeddings `(C, P)`."""
+    images = F.normalize(clip_model.get_image_features(pixel_values), dim=-1)
+    return (clip_model.logit_scale.exp() * images @ classes.T).softmax(dim=-1)
