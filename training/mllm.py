@@ -4,7 +4,6 @@ instruction data, and the step (LM loss, plus Dice + BCE for samples with masks)
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training
 from voxlm.training.trainable import LoraSettings
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 from voxlm.training.loop import save_final
-from voxlm.training.mllm import MLLMSettings, add_stage_parser, settings_from_args, train_stage
+from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
 from voxlm.training.trainable import freeze_for_align
 
-logger = logging.getLogger(__name__)
 
 
 def prepare_for_align(model):

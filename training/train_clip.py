@@ -21,7 +21,6 @@ from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training, save_final
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
