@@ -12,6 +12,7 @@ Layout::
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -69,6 +70,16 @@ def decode_array(data: bytes) -> np.ndarray:
         return np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj)
     except Exception as error:  # numpy, gzip and nibabel each raise their own types for bad bytes
         raise ValueError(f"not a readable .npy or NIfTI array ({type(error).__name__}: {error})") from error
+
+
+def split_of(patient_id: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
+    """A patient's split from a hash of its id: stable across runs and machines, never two splits for one patient."""
+    draw = int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if draw < test_fraction:
+        return "test"
+    if draw < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
 
 
 def config_of(question_type: str) -> str:

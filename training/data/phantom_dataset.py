@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 
@@ -11,22 +10,12 @@ import numpy as np
 
 from voxlm.processing import format_box
 
-from .hub_format import encode_array, push_dataset, write_dataset
+from .hub_format import encode_array, push_dataset, split_of, write_dataset
 from .phantoms import PhantomCase, generate_case
 
 logger = logging.getLogger(__name__)
 
 REPORT_QUESTION = "Describe the findings of this head CT."
-
-
-def split_of(patient_id: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
-    """A patient's split from a hash of its id: stable across runs and machines, never two splits for one patient."""
-    draw = int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if draw < test_fraction:
-        return "test"
-    if draw < test_fraction + validation_fraction:
-        return "validation"
-    return "train"
 
 
 def case_rows(case: PhantomCase, split: str) -> list[dict]:

@@ -1,0 +1,141 @@
+"""Converters from public 3D medical datasets into voxlm's Hub format, re-split by patient.
+
+- M3D-Cap: `M3D_Cap.json` (`{split: [{"image": "<case>/<series>/x.npy", "text": ".../text.txt"}]}`), images
+  normalised to [0, 1] with a channel axis (LaMed/src/dataset/multi_dataset.py).
+- M3D-VQA: CSV with `Image Path, Question Type, Question, Choice A..D, Answer, Answer Choice`; closed questions are
+  asked with their choices and answered `"{letter}. {answer}"`, as M3D trains and scores them.
+- CQ500: `reads.csv` (three readers per scan; a label holds when at least two agree) and a DICOM folder per patient,
+  turned into the question-answer pairs of seed 002, section 4.2.
+
+M3D's own splits put series of one case in several splits; every converter here assigns the split from the patient
+id instead, so no patient appears in two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from voxlm.processing import read_volume
+
+from .hub_format import encode_array, split_of, write_dataset
+
+M3D_MODALITY = "M3D (normalised to [0, 1])"  # not "CT": the volume processor then scales by percentiles, not HU
+CQ500_FINDINGS = {"IPH": "intraparenchymal", "IVH": "intraventricular", "SDH": "subdural", "EDH": "epidural",
+                  "SAH": "subarachnoid"}
+CQ500_CLOSED = {
+    "ChronicBleed": "Is there a chronic bleed?",
+    "Fracture": "Is there a fracture?",
+    "CalvarialFracture": "Is there a calvarial fracture?",
+    "MassEffect": "Is there mass effect?",
+    "MidlineShift": "Is there a midline shift?",
+}
+
+
+def m3d_patient(image_path: str) -> str:
+    """M3D's case folder (`"ct_quizze/000006/Axial/0.npy"` -> `"ct_quizze/000006"`), the unit of a patient."""
+    parts = Path(image_path).parts
+    if len(parts) < 3:
+        raise ValueError(f"M3D image path {image_path!r} does not start with <source>/<case>/")
+    return "/".join(parts[:2])
+
+
+def load_m3d_image(root: Path, relative: str) -> bytes:
+    """An M3D `.npy` (`(1, D, H, W)` in [0, 1]) as `.npy` bytes of `(D, H, W)`."""
+    array = np.load(root / relative, allow_pickle=False)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"{relative}: expected (1, D, H, W) or (D, H, W), got shape {array.shape}")
+    return encode_array(array.astype(np.float32))
+
+
+def base_row(row_id: str, patient: str, image: bytes, modality: str, split: str) -> dict:
+    return dict(id=row_id, patient_id=patient, study_id=patient, image=image, modality=modality, spacing=None,
+                report=None, choices=None, mask=None, mask_label=None, box=None, split=split)
+
+
+def convert_m3d_cap(json_path: str | Path, data_root: str | Path, test_fraction: float = 0.1) -> list[dict]:
+    """M3D-Cap image-report pairs as `cap` rows (question: M3D's caption prompt; answer: the report)."""
+    data_root = Path(data_root)
+    entries = [entry for split_entries in json.loads(Path(json_path).read_text()).values() for entry in split_entries]
+    rows = []
+    for index, entry in enumerate(entries):
+        patient = m3d_patient(entry["image"])
+        report = (data_root / entry["text"]).read_text().strip()
+        row = base_row(f"m3d-cap-{index:07d}", patient, load_m3d_image(data_root, entry["image"]), M3D_MODALITY,
+                       split_of(patient, test_fraction))
+        row.update(report=report, question="Describe the findings of this medical image.", answer=report,
+                   question_type="report")
+        rows.append(row)
+    return rows
+
+
+def convert_m3d_vqa(csv_paths: list[str | Path], data_root: str | Path, test_fraction: float = 0.1) -> list[dict]:
+    """M3D-VQA rows (all given CSVs pooled, then re-split by patient): each closed and open question of a row."""
+    data_root = Path(data_root)
+    rows = []
+    for csv_path in csv_paths:
+        with open(csv_path, newline="") as handle:
+            records = list(csv.DictReader(handle))
+        for index, record in enumerate(records):
+            patient = m3d_patient(record["Image Path"])
+            image = load_m3d_image(data_root, record["Image Path"])
+            split = split_of(patient, test_fraction)
+            choices = [f"{letter}. {record[f'Choice {letter}']}" for letter in "ABCD"]
+            closed = base_row(f"m3d-vqa-{Path(csv_path).stem}-{index:07d}-closed", patient, image, M3D_MODALITY, split)
+            closed.update(question=f"{record['Question']} Choices: {' '.join(choices)}", choices=choices,
+                          answer=f"{record['Answer Choice']}. {record['Answer']}", question_type="closed",
+                          report=record.get("Text"))
+            opened = dict(closed, id=closed["id"][: -len("closed")] + "open", question=record["Question"],
+                          answer=str(record["Answer"]), choices=None, question_type="open")
+            rows += [closed, opened]
+    return rows
+
+
+def cq500_majority(record: dict, label: str) -> bool:
+    """A CQ500 label holds when at least two of its three readers marked it."""
+    return sum(int(float(record[f"R{reader}:{label}"] or 0)) for reader in (1, 2, 3)) >= 2
+
+
+def cq500_questions(record: dict) -> list[dict]:
+    """Seed 002's QA pairs for one CQ500 scan: hemorrhage type and side (open), five closed yes/no questions."""
+    types = [name for code, name in CQ500_FINDINGS.items() if cq500_majority(record, code)]
+    left, right = cq500_majority(record, "BleedLocation-Left"), cq500_majority(record, "BleedLocation-Right")
+    side = "on both sides" if left and right else "on the left" if left else "on the right" if right else ""
+    if types:
+        answer = f"{' and '.join(types).capitalize()} hemorrhage{' ' + side if side else ''}."
+    else:
+        answer = "There is no intracranial hemorrhage."
+    qa = [dict(question="What type of hemorrhage is there, and on which side?", answer=answer, question_type="open")]
+    for label, question in CQ500_CLOSED.items():
+        qa.append(dict(question=question, answer="Yes." if cq500_majority(record, label) else "No.",
+                       question_type="closed"))
+    return qa
+
+
+def convert_cq500(reads_csv: str | Path, images_root: str | Path, test_fraction: float = 0.2) -> list[dict]:
+    """CQ500 scans (a DICOM folder per patient, named as in `reads.csv`) as `vqa` rows."""
+    images_root = Path(images_root)
+    with open(reads_csv, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    rows = []
+    for record in records:
+        patient = record["name"]
+        volume = read_volume(images_root / patient)
+        image = encode_array(volume.array.astype(np.int16))
+        split = split_of(patient, test_fraction)
+        for index, qa in enumerate(cq500_questions(record)):
+            row = base_row(f"{patient}-q{index:02d}", patient, image, "CT", split)
+            row.update(qa, spacing=list(volume.spacing))
+            rows.append(row)
+    return rows
+
+
+def write_converted(rows: list[dict], out_dir: str | Path, source: str) -> Path:
+    """Write converted rows as a voxlm dataset with a card naming the source."""
+    description = f"# {source} in voxlm's format\n\nConverted by `voxlm.training.data.converters`; splits by patient."
+    return write_dataset(rows, out_dir, description)
