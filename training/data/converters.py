@@ -4,8 +4,13 @@
   normalised to [0, 1] with a channel axis (LaMed/src/dataset/multi_dataset.py).
 - M3D-VQA: CSV with `Image Path, Question Type, Question, Choice A..D, Answer, Answer Choice`; closed questions are
   asked with their choices and answered `"{letter}. {answer}"`, as M3D trains and scores them.
+- M3D-Seg (LaMed's preprocessed form): `<tag>/<tag>.json` (decathlon lists `train` / `test` of `{"image", "label"}`),
+  one `.npy` mask per class named `..._<class id>.npy`, class names given by the caller.
+- M3D-RefSeg: CSV `Image, Mask, Mask_ID, Question_Type, Question, Answer`; the mask is `label_map == Mask_ID`.
 - CQ500: `reads.csv` (three readers per scan; a label holds when at least two agree) and a DICOM folder per patient,
   turned into the question-answer pairs of seed 002, section 4.2.
+- PhysioNet CT-ICH: `Patient demographics.csv` (hemorrhage types and fracture per patient, found by column name)
+  and `ct_scans/<number>.nii`, turned into the same questions.
 
 M3D's own splits put series of one case in several splits; every converter here assigns the split from the patient
 id instead, so no patient appears in two splits.
@@ -96,25 +101,111 @@ def convert_m3d_vqa(csv_paths: list[str | Path], data_root: str | Path, test_fra
     return rows
 
 
+def load_m3d_mask(root: Path, relative: str, label_value: int | None = None) -> np.ndarray:
+    """An M3D mask `.npy` (`(1, D, H, W)` or `(D, H, W)`) as uint8 `(D, H, W)`; with `label_value`, one label of a map."""
+    mask = np.load(root / relative, allow_pickle=False)
+    mask = mask[0] if mask.ndim == 4 else mask
+    return ((mask == label_value) if label_value is not None else (mask > 0)).astype(np.uint8)
+
+
+def convert_m3d_seg(root: str | Path, tag: str, class_names: list[str], test_fraction: float = 0.1) -> list[dict]:
+    """One M3D-Seg sub-dataset as `seg` rows: "Segment the <class>." answered with `[SEG]` (or that it is absent)."""
+    root = Path(root)
+    listing = json.loads((root / tag / f"{tag}.json").read_text())
+    rows = []
+    for index, entry in enumerate(listing.get("train", []) + listing.get("test", [])):
+        class_id = int(Path(entry["label"]).stem.split("_")[-1])
+        if not 0 <= class_id < len(class_names):
+            raise ValueError(f"{entry['label']}: class id {class_id} has no name among {len(class_names)} classes")
+        mask = load_m3d_mask(root, entry["label"])
+        patient = f"m3d-seg-{tag}/{Path(entry['image']).parent.name}"
+        row = base_row(f"m3d-seg-{tag}-{index:07d}", patient, load_m3d_image(root, entry["image"]), M3D_MODALITY,
+                       split_of(patient, test_fraction))
+        name = class_names[class_id]
+        present = bool(mask.any())
+        row.update(question=f"Can you segment the {name} in this image?", question_type="seg",
+                   answer="It is [SEG]." if present else f"There is no {name} in this image.",
+                   mask=encode_array(mask) if present else None, mask_label=name)
+        rows.append(row)
+    return rows
+
+
+def convert_m3d_refseg(csv_path: str | Path, data_root: str | Path, test_fraction: float = 0.1) -> list[dict]:
+    """M3D-RefSeg referring expressions as `refseg` rows with their masks."""
+    data_root = Path(data_root)
+    with open(csv_path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    rows = []
+    for index, record in enumerate(records):
+        patient = m3d_patient(record["Image"])
+        mask = load_m3d_mask(data_root, record["Mask"], int(float(record["Mask_ID"])))
+        row = base_row(f"m3d-refseg-{index:07d}", patient, load_m3d_image(data_root, record["Image"]), M3D_MODALITY,
+                       split_of(patient, test_fraction))
+        row.update(question=record["Question"], answer=record["Answer"], question_type="refseg",
+                   mask=encode_array(mask), mask_label=record.get("Question_Type"))
+        rows.append(row)
+    return rows
+
+
 def cq500_majority(record: dict, label: str) -> bool:
     """A CQ500 label holds when at least two of its three readers marked it."""
     return sum(int(float(record[f"R{reader}:{label}"] or 0)) for reader in (1, 2, 3)) >= 2
 
 
-def cq500_questions(record: dict) -> list[dict]:
-    """Seed 002's QA pairs for one CQ500 scan: hemorrhage type and side (open), five closed yes/no questions."""
-    types = [name for code, name in CQ500_FINDINGS.items() if cq500_majority(record, code)]
-    left, right = cq500_majority(record, "BleedLocation-Left"), cq500_majority(record, "BleedLocation-Right")
-    side = "on both sides" if left and right else "on the left" if left else "on the right" if right else ""
+def head_ct_questions(types: list[str], side: str, closed: dict[str, bool]) -> list[dict]:
+    """Seed 002's QA pairs: hemorrhage type and side (open), then closed yes/no questions."""
     if types:
         answer = f"{' and '.join(types).capitalize()} hemorrhage{' ' + side if side else ''}."
     else:
         answer = "There is no intracranial hemorrhage."
     qa = [dict(question="What type of hemorrhage is there, and on which side?", answer=answer, question_type="open")]
-    for label, question in CQ500_CLOSED.items():
-        qa.append(dict(question=question, answer="Yes." if cq500_majority(record, label) else "No.",
-                       question_type="closed"))
+    qa += [dict(question=question, answer="Yes." if value else "No.", question_type="closed")
+           for question, value in closed.items()]
     return qa
+
+
+def cq500_questions(record: dict) -> list[dict]:
+    """Seed 002's QA pairs for one CQ500 scan, from the readers' majority."""
+    types = [name for code, name in CQ500_FINDINGS.items() if cq500_majority(record, code)]
+    left, right = cq500_majority(record, "BleedLocation-Left"), cq500_majority(record, "BleedLocation-Right")
+    side = "on both sides" if left and right else "on the left" if left else "on the right" if right else ""
+    return head_ct_questions(types, side, {q: cq500_majority(record, label) for label, q in CQ500_CLOSED.items()})
+
+
+def physionet_questions(record: dict) -> list[dict]:
+    """Seed 002's QA pairs for one PhysioNet CT-ICH patient (the file records no side)."""
+
+    def flag(word: str) -> bool:
+        column = next((key for key in record if word.lower() in key.lower()), None)
+        if column is None:
+            raise ValueError(f"Patient demographics.csv has no column for {word!r}; columns: {sorted(record)}")
+        return str(record[column]).strip() in ("1", "1.0", "yes", "Yes")
+
+    types = [name for name in ("intraventricular", "intraparenchymal", "subarachnoid", "epidural", "subdural")
+             if flag(name)]
+    return head_ct_questions(types, "", {"Is there a fracture?": flag("fracture")})
+
+
+def convert_physionet(demographics_csv: str | Path, scans_root: str | Path, test_fraction: float = 0.2) -> list[dict]:
+    """PhysioNet CT-ICH patients (`ct_scans/<number>.nii`) as `vqa` rows."""
+    scans_root = Path(scans_root)
+    with open(demographics_csv, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    rows = []
+    for record in records:
+        number_column = next(key for key in record if "patient" in key.lower())
+        number = str(record[number_column]).strip()
+        if not number.isdigit():  # the file's second header line
+            continue
+        patient = f"physionet-ich-{int(number):03d}"
+        volume = read_volume(scans_root / f"{int(number):03d}.nii")
+        image = encode_array(volume.array.astype(np.int16))
+        split = split_of(patient, test_fraction)
+        for index, qa in enumerate(physionet_questions(record)):
+            row = base_row(f"{patient}-q{index:02d}", patient, image, "CT", split)
+            row.update(qa, spacing=list(volume.spacing))
+            rows.append(row)
+    return rows
 
 
 def convert_cq500(reads_csv: str | Path, images_root: str | Path, test_fraction: float = 0.2) -> list[dict]:
