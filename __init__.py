@@ -31,6 +31,7 @@ def _register_auto_classes() -> None:
     AutoModelForImageTextToText.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
     AutoImageProcessor.register(VoxLMConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoImageProcessor.register(VoxViTConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    AutoImageProcessor.register(VoxCLIPConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoProcessor.register(VoxLMConfig, VoxLMProcessor, exist_ok=True)
     # `save_pretrained` copies the modeling files next to the weights for `trust_remote_code` users.
     VoxViTConfig.register_for_auto_class("AutoConfig")

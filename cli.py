@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from voxlm.evaluation import cli as evaluation_cli
 from voxlm.training import finetune, pretrain_projector, quickstart, train_clip
 from voxlm.training.data import phantom_dataset
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="3D medical vision-language models: data, training, evaluation and inference.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (quickstart, phantom_dataset):
+    for module in (quickstart, phantom_dataset, evaluation_cli):
         module.add_parser(subparsers)
     train = subparsers.add_parser("train", help="run a training stage (pretrain-clip, ...)")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")

@@ -193,3 +193,33 @@ def zero_shot_scores(labels, scores) -> dict[str, float]:
     else:
         auc = roc_auc_score(labels, scores, multi_class="ovr", average="macro")
     return {"macro_auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(labels, scores.argmax(1)))}
+
+
+def bertscore_f1(predictions: list[str], references: list[str], model: str | None = None,
+                 num_layers: int | None = None) -> dict:
+    """BERTScore-F1 (the `bert-score` package) with a locally available model, or "not computed" with the reason.
+
+    Args:
+        predictions (`list[str]`), references (`list[str]`): the texts.
+        model (`str`, *optional*): a local model folder or cached Hub id (M3D-Bench uses the package's default English
+            model); `None` reports the metric as not computed.
+        num_layers (`int`, *optional*): which layer's embeddings to use (required for models `bert-score` does not
+            know, e.g. the last layer of a local folder).
+
+    Returns:
+        `dict`: `{"bertscore_f1": float or None, "bertscore_model": str, "bertscore_note": str}`.
+    """
+    if model is None:
+        return {"bertscore_f1": None, "bertscore_model": None,
+                "bertscore_note": "not computed: no BERTScore model was given (pass a local folder)"}
+    try:
+        from bert_score import score
+    except ImportError:
+        return {"bertscore_f1": None, "bertscore_model": model,
+                "bertscore_note": "not computed: install the `bert-score` package"}
+    try:
+        _, _, f1 = score(predictions, references, model_type=model, num_layers=num_layers, verbose=False)
+    except OSError as error:
+        return {"bertscore_f1": None, "bertscore_model": model,
+                "bertscore_note": f"not computed: the model cannot be loaded offline ({str(error).splitlines()[0]})"}
+    return {"bertscore_f1": float(f1.mean()), "bertscore_model": model, "bertscore_note": "computed"}

@@ -70,3 +70,16 @@ def evaluate_retrieval(clip_model, tokenizer, samples, pool_size: int = 100, max
     text_embeds = clip_model.get_text_features(text["input_ids"], text["attention_mask"])
     similarity = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
     return {**retrieval_recall(similarity.numpy()), "pool_size": len(samples)}
+
+
+def evaluate_open_text(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
+    """Report generation and open VQA: M3D-Bench text metrics of greedy answers against the references."""
+    from .metrics import text_metrics
+
+    outputs, references = [], []
+    model.eval()
+    for batch in tqdm(list(batched(samples, batch_size)), desc="open text"):
+        generated, _ = generate_answers(model, processor, batch, max_new_tokens)
+        outputs += [g["text"] for g in generated]
+        references += [sample["answer"] for sample in batch]
+    return {**text_metrics(outputs, references), "num_samples": len(outputs)}

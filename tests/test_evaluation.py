@@ -90,3 +90,44 @@ def test_zero_shot_scores():
     scores = zero_shot_scores([0, 1, 1, 0], [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])
     # positives 0.8, 0.6 against negatives 0.1, 0.7: 3 of 4 pairs ordered; argmax recalls 1/2 and 2/2
     assert scores["macro_auc"] == pytest.approx(0.75) and scores["balanced_accuracy"] == pytest.approx(0.75)
+
+
+SEED_002_ANSWERS = [
+    "No, no ICH currently can be found. Slightly generalized atrophic change of the brain parenchyma with widening "
+    "of sulci and dilated ventricular system. A small old infarct in left thalamus. No definite abnormal enhancing "
+    "lesions. No obvious midline shifting or intracerebral hemorrhage can be found in this exam.",
+    "The appearance of a ventricular shunting catheter. Mild dilatation of ventricular sizes with abnormal hypodense "
+    "change in periventricular white matter, in favor of subependymal CSF resorption or mild hydrocephalus. No "
+    "significant findings can be identified in the rest of the brain parenchyma. CONCLUSION: atrophy and ventricular "
+    "dilatation, recommend follow up examination and if necessary, clinical correlation.",
+]
+
+
+def test_seed_002_example_answers_in_table_1_format():
+    from voxlm.evaluation.report import table1
+
+    # Each answer against itself scores the maximum; against the other, BLEU-n equals nltk's on the same tokens.
+    perfect = text_metrics(SEED_002_ANSWERS, SEED_002_ANSWERS)
+    assert all(perfect[key] == pytest.approx(1.0) for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1"))
+    crossed = text_metrics(SEED_002_ANSWERS, list(reversed(SEED_002_ANSWERS)))
+    expected = nltk_sentence_bleu([tokenize_13a(SEED_002_ANSWERS[1])], tokenize_13a(SEED_002_ANSWERS[0]),
+                                  weights=(0.5, 0.5))
+    second = nltk_sentence_bleu([tokenize_13a(SEED_002_ANSWERS[0])], tokenize_13a(SEED_002_ANSWERS[1]),
+                                weights=(0.5, 0.5))
+    assert crossed["bleu_2"] == pytest.approx((expected + second) / 2)
+    assert 0 < crossed["meteor"] < 1 and 0 < crossed["rouge_1"] < 1
+    table = table1({"CQ500": perfect, "PhysioNet": crossed})
+    assert table.splitlines()[0] == "| Dataset | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-1 | METEOR |"
+    assert table.splitlines()[2].startswith("| CQ500 | 1.000000 | 1.000000")
+
+
+def test_bertscore_with_a_local_model_or_reported_as_not_computed(minilm_dir):
+    from voxlm.evaluation.metrics import bertscore_f1
+
+    same = bertscore_f1([REFERENCE], [REFERENCE], model=str(minilm_dir), num_layers=6)
+    other = bertscore_f1([PREDICTION], [REFERENCE], model=str(minilm_dir), num_layers=6)
+    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-4) and 0 < other["bertscore_f1"] < 1
+    missing = bertscore_f1([PREDICTION], [REFERENCE])
+    assert missing["bertscore_f1"] is None and "not computed" in missing["bertscore_note"]
+    offline = bertscore_f1([PREDICTION], [REFERENCE], model="microsoft/deberta-xlarge-mnli", num_layers=40)
+    assert offline["bertscore_f1"] is None and "offline" in offline["bertscore_note"]

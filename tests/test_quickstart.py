@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from voxlm.evaluation.cli import evaluate
 from voxlm.training.quickstart import QuickstartSettings, run_quickstart
 
 LOAD_AND_ANSWER = """
@@ -35,3 +36,11 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     result = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(model_dir)], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
+
+    # `voxlm evaluate` on the folder the quickstart left reproduces the numbers it printed.
+    closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=4)
+    printed = next(r for r in results if r["task"] == "closed VQA")
+    assert closed["metrics"]["accuracy_m3d"] == printed["value"] and closed["num_samples"] == 4
+    retrieval = evaluate(str(tmp_path / "clip" / "final"), str(tmp_path / "data"), "retrieval", limit=4)
+    printed = next(r for r in results if r["metric"] == "recall@5")
+    assert retrieval["metrics"]["i2t_r@5"] == printed["value"]

@@ -1,0 +1,83 @@
+"""`voxlm evaluate`: score a saved model on a dataset in voxlm's format (a local folder or a Hub repo id)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from itertools import islice
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TASKS = {
+    # task: (dataset config, question type filter)
+    "vqa-closed": ("vqa", "closed"),
+    "vqa-open": ("vqa", "open"),
+    "report": ("cap", "report"),
+    "seg": ("seg", "seg"),
+    "refseg": ("refseg", "refseg"),
+    "retrieval": ("cap", "report"),
+}
+
+
+def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: int = 100, batch_size: int = 8,
+             max_new_tokens: int | None = None) -> dict:
+    """Run one task and return `{"task", "data", "split", "num_samples", "metrics"}`."""
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+
+    import voxlm  # noqa: F401  (registers the Auto classes)
+    from voxlm.training.data import PreprocessedStream, stream_rows
+
+    from . import runner
+
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
+    config, question_type = TASKS[task]
+    model = AutoModel.from_pretrained(model_dir)
+    if task == "retrieval":
+        volume_processor = AutoImageProcessor.from_pretrained(model_dir)
+    else:
+        processor = AutoProcessor.from_pretrained(model_dir)
+        volume_processor = processor.image_processor
+    rows = stream_rows(data, config, split).filter(lambda row: row["question_type"] == question_type)
+    samples = list(islice(PreprocessedStream(rows, volume_processor), limit))
+    if task == "vqa-closed":
+        metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
+        metrics.pop("predictions")
+    elif task in ("vqa-open", "report"):
+        metrics = runner.evaluate_open_text(model, processor, samples, batch_size, max_new_tokens or 64)
+    elif task in ("seg", "refseg"):
+        metrics = runner.evaluate_segmentation(model, processor, samples, max(1, batch_size // 2), max_new_tokens or 8)
+    else:
+        metrics = runner.evaluate_retrieval(model, AutoTokenizer.from_pretrained(model_dir), samples, pool_size=limit)
+    return {"task": task, "data": str(data), "split": split, "num_samples": len(samples), "metrics": metrics}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a saved model with M3D-Bench metrics",
+        description="Example: voxlm evaluate --model voxlm-quickstart/finetune/final/model "
+        "--data voxlm-quickstart/data --task vqa-closed --limit 100 --out results/vqa_closed.json\n"
+        "retrieval takes a VoxCLIP folder as --model (voxlm-quickstart/clip/final).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a saved VoxLM (or VoxCLIP for retrieval) folder or Hub id")
+    parser.add_argument("--data", required=True, help="a dataset folder or Hub id in voxlm's format")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=100, help="samples (the retrieval pool size; M3D-Bench: 2000)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--out", type=Path, help="write results as JSON (and Markdown beside it)")
+
+    def run(args):
+        from .report import write_results
+
+        results = evaluate(args.model, args.data, args.task, args.split, args.limit, args.batch_size,
+                           args.max_new_tokens)
+        logger.info("%s", results)
+        if args.out:
+            write_results(results, args.out)
+
+    parser.set_defaults(func=run)

@@ -1,0 +1,30 @@
+"""Results as JSON and Markdown, including seed 002's Table 1 layout (BLEU-1..4, ROUGE, METEOR per dataset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TABLE1_COLUMNS = (("BLEU-1", "bleu_1"), ("BLEU-2", "bleu_2"), ("BLEU-3", "bleu_3"), ("BLEU-4", "bleu_4"),
+                  ("ROUGE-1", "rouge_1"), ("METEOR", "meteor"))
+
+
+def table1(scores_by_dataset: dict[str, dict[str, float]]) -> str:
+    """Seed 002's Table 1 as Markdown: one row per dataset (e.g. CQ500, PhysioNet), six text metrics (M3D variants:
+    per-sample BLEU over 13a tokens, ROUGE-1 F, nltk METEOR), six decimals as the seed prints them."""
+    lines = ["| Dataset | " + " | ".join(name for name, _ in TABLE1_COLUMNS) + " |",
+             "| --- |" + " --- |" * len(TABLE1_COLUMNS)]
+    for dataset, scores in scores_by_dataset.items():
+        lines.append(f"| {dataset} | " + " | ".join(f"{scores[key]:.6f}" for _, key in TABLE1_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, path: str | Path) -> Path:
+    """Write `results` (metric name -> value, plus what was measured) as JSON beside a Markdown table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    rows = [f"| {key} | {value:.4f} |" for key, value in results["metrics"].items() if isinstance(value, float)]
+    header = f"Task `{results['task']}` on `{results['data']}` ({results['split']}, n={results['num_samples']})"
+    path.with_suffix(".md").write_text("\n".join([header, "", "| metric | value |", "| --- | --- |", *rows]) + "\n")
+    return path
