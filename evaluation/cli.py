@@ -14,6 +14,8 @@ TASKS = {
     "vqa-closed": ("vqa", "closed"),
     "vqa-open": ("vqa", "open"),
     "report": ("cap", "report"),
+    "rec": ("pos", "rec"),
+    "reg": ("pos", "reg"),
     "seg": ("seg", "seg"),
     "refseg": ("refseg", "refseg"),
     "retrieval": ("cap", "report"),
@@ -44,7 +46,9 @@ def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: i
     if task == "vqa-closed":
         metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
         metrics.pop("predictions")
-    elif task in ("vqa-open", "report"):
+    elif task == "rec":
+        metrics = runner.evaluate_positioning(model, processor, samples, batch_size, max_new_tokens or 48)
+    elif task in ("vqa-open", "report", "reg"):
         metrics = runner.evaluate_open_text(model, processor, samples, batch_size, max_new_tokens or 64)
     elif task in ("seg", "refseg"):
         metrics = runner.evaluate_segmentation(model, processor, samples, max(1, batch_size // 2), max_new_tokens or 8)

@@ -83,3 +83,17 @@ def evaluate_open_text(model, processor, samples, batch_size: int = 8, max_new_t
         outputs += [g["text"] for g in generated]
         references += [sample["answer"] for sample in batch]
     return {**text_metrics(outputs, references), "num_samples": len(outputs)}
+
+
+def evaluate_positioning(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 48) -> dict:
+    """Referring expression comprehension (REC): 3D IoU between the first box in the answer and the target box
+    (no box scores 0), its mean and the share above 0.5."""
+    from .metrics import box_iou_3d
+
+    ious = []
+    model.eval()
+    for batch in tqdm(list(batched(samples, batch_size)), desc="positioning"):
+        generated, _ = generate_answers(model, processor, batch, max_new_tokens)
+        ious += [box_iou_3d(g["boxes"][0], s["box"]) if g["boxes"] else 0.0 for g, s in zip(generated, batch)]
+    return {"iou": float(np.mean(ious)) if ious else 0.0, "acc@0.5": float(np.mean([i > 0.5 for i in ious])) if ious
+            else 0.0, "num_samples": len(ious)}

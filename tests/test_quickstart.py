@@ -41,6 +41,10 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=4)
     printed = next(r for r in results if r["task"] == "closed VQA")
     assert closed["metrics"]["accuracy_m3d"] == printed["value"] and closed["num_samples"] == 4
+    rec = evaluate(str(model_dir), str(tmp_path / "data"), "rec", limit=2)
+    assert rec["num_samples"] == 2 and 0.0 <= rec["metrics"]["iou"] <= 1.0
+    reg = evaluate(str(model_dir), str(tmp_path / "data"), "reg", limit=2, max_new_tokens=4)
+    assert 0.0 <= reg["metrics"]["bleu_1"] <= 1.0
     retrieval = evaluate(str(tmp_path / "clip" / "final"), str(tmp_path / "data"), "retrieval", limit=4)
     printed = next(r for r in results if r["metric"] == "recall@5")
     assert retrieval["metrics"]["i2t_r@5"] == printed["value"]
