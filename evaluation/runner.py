@@ -31,15 +31,23 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int 
 
 
 def evaluate_closed_vqa(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 8) -> dict:
-    """M3D's closed-VQA accuracy and exact match over samples with `question_type == "closed"`."""
+    """M3D's closed-VQA accuracy and exact match over samples with `question_type == "closed"`, overall and per
+    question (the question up to its "?", so the choices of multiple-choice questions do not split groups)."""
     outputs, answers, predictions = [], [], []
     model.eval()
     for batch in tqdm(list(batched(samples, batch_size)), desc="closed VQA"):
         generated, _ = generate_answers(model, processor, batch, max_new_tokens)
         outputs += [g["text"] for g in generated]
         answers += [sample["answer"] for sample in batch]
-        predictions += [{"id": s["id"], "output": g["text"], "answer": s["answer"]} for s, g in zip(batch, generated)]
-    return {**closed_vqa_accuracy(outputs, answers), "num_samples": len(outputs), "predictions": predictions}
+        predictions += [{"id": s["id"], "question": s["question"].split("?")[0] + "?", "output": g["text"],
+                         "answer": s["answer"]} for s, g in zip(batch, generated)]
+    by_question = {}
+    for prediction in predictions:
+        by_question.setdefault(prediction["question"], []).append(prediction)
+    per_question = {question: closed_vqa_accuracy([p["output"] for p in group], [p["answer"] for p in group])
+                    for question, group in by_question.items()}
+    return {**closed_vqa_accuracy(outputs, answers), "per_question": per_question, "num_samples": len(outputs),
+            "predictions": predictions}
 
 
 def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_new_tokens: int = 8) -> dict:

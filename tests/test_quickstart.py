@@ -41,6 +41,8 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=4)
     printed = next(r for r in results if r["task"] == "closed VQA")
     assert closed["metrics"]["accuracy_m3d"] == printed["value"] and closed["num_samples"] == 4
+    groups = closed["metrics"]["per_question"]
+    assert groups and all(question.endswith("?") and "A." not in question for question in groups)
     rec = evaluate(str(model_dir), str(tmp_path / "data"), "rec", limit=2)
     assert rec["num_samples"] == 2 and 0.0 <= rec["metrics"]["iou"] <= 1.0
     reg = evaluate(str(model_dir), str(tmp_path / "data"), "reg", limit=2, max_new_tokens=4)
