@@ -63,6 +63,11 @@ def base_row(row_id: str, patient: str, image: bytes, modality: str, split: str)
                 report=None, choices=None, mask=None, mask_label=None, box=None, split=split)
 
 
+def read_records(csv_path: str | Path) -> list[dict]:
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def convert_m3d_cap(json_path: str | Path, data_root: str | Path, test_fraction: float = 0.1) -> list[dict]:
     """M3D-Cap image-report pairs as `cap` rows (question: M3D's caption prompt; answer: the report)."""
     data_root = Path(data_root)
@@ -84,9 +89,7 @@ def convert_m3d_vqa(csv_paths: list[str | Path], data_root: str | Path, test_fra
     data_root = Path(data_root)
     rows = []
     for csv_path in csv_paths:
-        with open(csv_path, newline="") as handle:
-            records = list(csv.DictReader(handle))
-        for index, record in enumerate(records):
+        for index, record in enumerate(read_records(csv_path)):
             patient = m3d_patient(record["Image Path"])
             image = load_m3d_image(data_root, record["Image Path"])
             split = split_of(patient, test_fraction)
@@ -133,10 +136,8 @@ def convert_m3d_seg(root: str | Path, tag: str, class_names: list[str], test_fra
 def convert_m3d_refseg(csv_path: str | Path, data_root: str | Path, test_fraction: float = 0.1) -> list[dict]:
     """M3D-RefSeg referring expressions as `refseg` rows with their masks."""
     data_root = Path(data_root)
-    with open(csv_path, newline="") as handle:
-        records = list(csv.DictReader(handle))
     rows = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(read_records(csv_path)):
         patient = m3d_patient(record["Image"])
         mask = load_m3d_mask(data_root, record["Mask"], int(float(record["Mask_ID"])))
         row = base_row(f"m3d-refseg-{index:07d}", patient, load_m3d_image(data_root, record["Image"]), M3D_MODALITY,
@@ -186,43 +187,39 @@ def physionet_questions(record: dict) -> list[dict]:
     return head_ct_questions(types, "", {"Is there a fracture?": flag("fracture")})
 
 
+def head_ct_rows(patient: str, source, questions: list[dict], test_fraction: float) -> list[dict]:
+    """One CT (read into HU, canonical) and its questions as rows of one patient."""
+    volume = read_volume(source)
+    image = encode_array(volume.array.astype(np.int16))
+    split = split_of(patient, test_fraction)
+    rows = []
+    for index, qa in enumerate(questions):
+        row = base_row(f"{patient}-q{index:02d}", patient, image, "CT", split)
+        row.update(qa, spacing=list(volume.spacing))
+        rows.append(row)
+    return rows
+
+
 def convert_physionet(demographics_csv: str | Path, scans_root: str | Path, test_fraction: float = 0.2) -> list[dict]:
     """PhysioNet CT-ICH patients (`ct_scans/<number>.nii`) as `vqa` rows."""
     scans_root = Path(scans_root)
-    with open(demographics_csv, newline="") as handle:
-        records = list(csv.DictReader(handle))
     rows = []
-    for record in records:
+    for record in read_records(demographics_csv):
         number_column = next(key for key in record if "patient" in key.lower())
         number = str(record[number_column]).strip()
         if not number.isdigit():  # the file's second header line
             continue
-        patient = f"physionet-ich-{int(number):03d}"
-        volume = read_volume(scans_root / f"{int(number):03d}.nii")
-        image = encode_array(volume.array.astype(np.int16))
-        split = split_of(patient, test_fraction)
-        for index, qa in enumerate(physionet_questions(record)):
-            row = base_row(f"{patient}-q{index:02d}", patient, image, "CT", split)
-            row.update(qa, spacing=list(volume.spacing))
-            rows.append(row)
+        rows += head_ct_rows(f"physionet-ich-{int(number):03d}", scans_root / f"{int(number):03d}.nii",
+                             physionet_questions(record), test_fraction)
     return rows
 
 
 def convert_cq500(reads_csv: str | Path, images_root: str | Path, test_fraction: float = 0.2) -> list[dict]:
     """CQ500 scans (a DICOM folder per patient, named as in `reads.csv`) as `vqa` rows."""
     images_root = Path(images_root)
-    with open(reads_csv, newline="") as handle:
-        records = list(csv.DictReader(handle))
     rows = []
-    for record in records:
-        patient = record["name"]
-        volume = read_volume(images_root / patient)
-        image = encode_array(volume.array.astype(np.int16))
-        split = split_of(patient, test_fraction)
-        for index, qa in enumerate(cq500_questions(record)):
-            row = base_row(f"{patient}-q{index:02d}", patient, image, "CT", split)
-            row.update(qa, spacing=list(volume.spacing))
-            rows.append(row)
+    for record in read_records(reads_csv):
+        rows += head_ct_rows(record["name"], images_root / record["name"], cq500_questions(record), test_fraction)
     return rows
 
 
