@@ -8,6 +8,37 @@ from transformers import PretrainedConfig
 
 VOXVIT_AUTO_MAP = {"AutoConfig": "configuration_voxvit.VoxViTConfig", "AutoModel": "modeling_voxvit.VoxViTModel"}
 
+ATTENTION_LEVELS = ("slice", "scan", "study")
+POSITION_EMBEDDING_TYPES = ("learned", "sincos")
+
+
+def scan_study_schedule(num_layers: int) -> list[str]:
+    """HLIP's brain-MRI / head-CT schedule: every third block attends across the study, the others within a scan.
+
+    Note: HLIP `vit_base_scan_study_token1176` (src/hlip/visual_encoder.py) uses `study_attn_indexes=(2, 5, 8, 11)`.
+    """
+    return ["study" if index % 3 == 2 else "scan" for index in range(num_layers)]
+
+
+def slice_scan_schedule(num_layers: int) -> list[str]:
+    """HLIP's CT-RATE schedule: every third block attends within a scan, the others within one axial slab.
+
+    Note: HLIP `vit_base_slice_scan_token2744` uses `scan_attn_indexes=(2, 5, 8, 11)`, slice attention elsewhere.
+    """
+    return ["scan" if index % 3 == 2 else "slice" for index in range(num_layers)]
+
+
+def slice_scan_study_schedule(num_layers: int) -> list[str]:
+    """All three levels, cycling `slice, scan, study`: the study sees every third block, as in the other presets."""
+    return [ATTENTION_LEVELS[index % 3] for index in range(num_layers)]
+
+
+ATTENTION_PRESETS = {
+    "scan_study": scan_study_schedule,
+    "slice_scan": slice_scan_schedule,
+    "slice_scan_study": slice_scan_study_schedule,
+}
+
 
 def as_triple(value, name: str) -> tuple[int, int, int]:
     """Normalise an int or a 3-sequence to a `(D, H, W)` tuple of ints, naming the config field on error."""
@@ -50,6 +81,18 @@ class VoxViTConfig(PretrainedConfig):
             LayerNorm epsilon (PyTorch's default, as in MONAI).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialisation.
+        attention_levels (`str` or `list[str]`, *optional*):
+            HLIP hierarchical attention: which tokens each block attends over. A list with one entry per block, each
+            `"slice"` (the patches of one axial slab, i.e. one depth index of the patch grid, of one scan), `"scan"`
+            (all tokens of one scan) or `"study"` (all tokens of all scans of a study, padded scans masked out); or a
+            preset name: `"scan_study"`, `"slice_scan"`, `"slice_scan_study"`. `None` (default) is `"scan"`
+            everywhere: the M3D / MONAI encoder, applied to each scan of a study independently.
+        position_embedding_type (`str`, *optional*, defaults to `"learned"`):
+            `"learned"`: one trained vector per patch position (M3D / MONAI). `"sincos"`: fixed 3D sine-cosine
+            embeddings of the `(d, h, w)` patch index (HLIP), stored in the same frozen parameter.
+        max_scans (`int`, *optional*, defaults to 1):
+            Most scans a study may hold. Above 1, the model learns a scan-order embedding for scans `1 .. max_scans - 1`
+            that is added to their patch tokens; scan 0 gets none, so a one-scan study equals the single-scan encoder.
     """
 
     model_type = "voxvit"
@@ -68,6 +111,9 @@ class VoxViTConfig(PretrainedConfig):
         attention_dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
+        attention_levels: str | list[str] | None = None,
+        position_embedding_type: str = "learned",
+        max_scans: int = 1,
         **kwargs,
     ):
         self.image_size = list(as_triple(image_size, "image_size"))
@@ -82,6 +128,9 @@ class VoxViTConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        self.attention_levels = list(attention_levels) if isinstance(attention_levels, (list, tuple)) else attention_levels
+        self.position_embedding_type = position_embedding_type
+        self.max_scans = max_scans
         kwargs.setdefault("auto_map", dict(VOXVIT_AUTO_MAP))
         super().__init__(**kwargs)
         self.validate_architecture()
@@ -105,6 +154,43 @@ class VoxViTConfig(PretrainedConfig):
         for field in ("hidden_dropout_prob", "attention_dropout"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"`{field}` must lie in [0, 1], got {getattr(self, field)}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "
+                f"got {self.position_embedding_type!r}"
+            )
+        if not isinstance(self.max_scans, int) or self.max_scans < 1:
+            raise ValueError(f"`max_scans` must be an int >= 1, got {self.max_scans!r}")
+        self.validate_attention_levels()
+
+    def validate_attention_levels(self):
+        """Raise `ValueError` naming `attention_levels` for an unknown preset or level, or a list of the wrong length."""
+        levels = self.attention_levels
+        if levels is None:
+            return
+        if isinstance(levels, str):
+            if levels not in ATTENTION_PRESETS:
+                raise ValueError(
+                    f"`attention_levels` preset {levels!r} is unknown; use one of {tuple(ATTENTION_PRESETS)} "
+                    f"or a list of {ATTENTION_LEVELS} per block"
+                )
+            return
+        if len(levels) != self.num_hidden_layers:
+            raise ValueError(
+                f"`attention_levels` lists {len(levels)} levels but `num_hidden_layers` is {self.num_hidden_layers}"
+            )
+        unknown = sorted({level for level in levels if level not in ATTENTION_LEVELS})
+        if unknown:
+            raise ValueError(f"`attention_levels` holds unknown levels {unknown}; each must be one of {ATTENTION_LEVELS}")
+
+    @property
+    def block_attention_levels(self) -> tuple[str, ...]:
+        """The attention level of every block, with `None` and presets expanded (length `num_hidden_layers`)."""
+        if self.attention_levels is None:
+            return ("scan",) * self.num_hidden_layers
+        if isinstance(self.attention_levels, str):
+            return tuple(ATTENTION_PRESETS[self.attention_levels](self.num_hidden_layers))
+        return tuple(self.attention_levels)
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

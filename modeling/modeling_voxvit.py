@@ -8,13 +8,31 @@ torch, transformers and einops. Parameter names follow `monai.networks.nets.ViT`
     volume (B, C, D, H, W)
       -> patchify (B, N, p_d * p_h * p_w * C) -> Linear -> + position embeddings -> [CLS] + tokens (B, 1 + N, E)
       -> num_hidden_layers x [pre-norm self-attention (SDPA) + pre-norm MLP] -> LayerNorm
+
+Study mode (HLIP, seed 001) takes the S scans of a study at once:
+
+    study (B, S, C, D, H, W) + scan_mask (B, S)
+      -> each scan embedded as above, + scan-order embedding (scans 1..S-1)       tokens (B, S, 1 + N, E)
+      -> each block regroups the tokens by its attention level and runs the same SDPA block on the groups:
+           slice: (B * S * D', 1 + H' W', E)   one axial slab of patches of one scan + a copy of the scan's CLS
+           scan:  (B * S, 1 + N, E)            one scan
+           study: (B, S (1 + N), E)            the whole study; tokens of padded scans are masked out as keys
+      -> LayerNorm -> per-scan tokens (B, S, 1 + N, E); study embedding = mean of the valid scans' CLS (B, E)
+
+CLS handling: every scan keeps its own CLS token (the single-scan encoder's). Slice groups each get a copy of their
+scan's CLS, and the copies are averaged back into one when a run of slice blocks ends (as HLIP's `_slice2scan`
+does); in study blocks the S CLS tokens attend across the study like any token. Unlike HLIP's single study CLS, this
+keeps a one-scan study numerically identical to the single-scan encoder and gives per-scan summaries for free.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import groupby
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -40,16 +58,51 @@ def patchify(pixel_values: torch.Tensor, patch_size) -> torch.Tensor:
     return rearrange(pixel_values, "b c (d pd) (h ph) (w pw) -> b (d h w) (pd ph pw c)", pd=p_d, ph=p_h, pw=p_w)
 
 
+def sincos_position_embeddings(grid_size, hidden_size: int) -> torch.Tensor:
+    """Fixed 3D sine-cosine position embeddings of a patch grid (HLIP / MAE style, one third of the width per axis).
+
+    Args:
+        grid_size (`tuple[int, int, int]`): patch grid `(D', H', W')`.
+        hidden_size (`int`): token width `E`.
+
+    Returns:
+        `torch.Tensor` of shape `(1, D' H' W', E)` in row-major grid order (the order of [`patchify`]). Each axis gets
+        `2 * (E // 6)` channels (half sine, half cosine, frequencies `1 / 10000^(i / k)`); the `E % 6` channels left over
+        stay zero, so any width works rather than only multiples of 6.
+    """
+    half_width = hidden_size // 6  # sine (or cosine) channels per axis
+    frequencies = 1.0 / 10000 ** (torch.arange(half_width, dtype=torch.float64) / max(half_width, 1))  # (k,)
+    axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float64) for size in grid_size), indexing="ij")
+    parts = []
+    for positions in axes:
+        angles = positions.reshape(-1, 1) * frequencies  # (N, k)
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)  # (N, 6k)
+    table = F.pad(table, (0, hidden_size - table.shape[1]))  # (N, 6k) -> (N, E)
+    return table.float().unsqueeze(0)
+
+
 class VoxViTPatchEmbedding(nn.Module):
-    """Linear projection of flattened 3D patches plus learned position embeddings (MONAI `PatchEmbeddingBlock`)."""
+    """Linear projection of flattened 3D patches plus position embeddings (MONAI `PatchEmbeddingBlock`).
+
+    With `position_embedding_type="learned"` the position embeddings are a trained parameter (MONAI, M3D); with
+    `"sincos"` they are a fixed buffer of the same name and shape, saved with the weights so checkpoints are
+    self-contained, and untouched by `requires_grad_` or optimisers.
+    """
 
     def __init__(self, config: VoxViTConfig):
         super().__init__()
         self.patch_size = tuple(config.patch_size)
+        self.position_embedding_type = config.position_embedding_type
         # A Linear over flattened patches equals MONAI's `conv` projection with permuted weights, so one
         # implementation serves both MONAI patch-embedding types (the converter permutes conv kernels).
         self.patch_embeddings = nn.Linear(config.patch_dim, config.hidden_size)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))
+        if config.position_embedding_type == "sincos":
+            self.register_buffer(
+                "position_embeddings", sincos_position_embeddings(config.grid_size, config.hidden_size)
+            )
+        else:
+            self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -147,22 +200,58 @@ class VoxViTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, VoxViTPatchEmbedding):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            if module.position_embedding_type == "sincos":
+                table = sincos_position_embeddings(self.config.grid_size, self.config.hidden_size)
+                init.copy_(module.position_embeddings, table)
+            else:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, VoxViTModel):
             init.zeros_(module.cls_token)
+            if module.scan_embeddings is not None:
+                init.trunc_normal_(module.scan_embeddings, mean=0.0, std=self.config.initializer_range)
+
+
+@dataclass
+class VoxViTModelOutput(BaseModelOutputWithPooling):
+    r"""
+    Output of [`VoxViTModel`]. For a single volume `(B, C, D, H, W)` the fields are those of
+    `BaseModelOutputWithPooling`; for a study `(B, S, C, D, H, W)` they carry a scan axis.
+
+    Args:
+        last_hidden_state (`torch.Tensor` of shape `(B, 1 + N, E)` or `(B, S, 1 + N, E)`):
+            Tokens after the final LayerNorm; index 0 of each scan is its CLS token.
+        pooler_output (`torch.Tensor` of shape `(B, E)`):
+            The CLS token for a volume; for a study, the mean of the CLS tokens of its valid scans.
+        hidden_states (`tuple[torch.Tensor]`, *optional*):
+            The embeddings and each block's output, shaped like `last_hidden_state` (before the final LayerNorm).
+        attentions (`tuple[torch.Tensor]`, *optional*):
+            Each block's attention weights `(groups, heads, n, n)` over its groups: `B * S` scans of `1 + N` tokens,
+            `B * S * D'` slabs of `1 + H' W'` tokens, or `B` studies of `S (1 + N)` tokens.
+        scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*):
+            For a study, `True` for the real scans (all `True` when no mask was given); `None` for a volume.
+    """
+
+    scan_mask: torch.Tensor | None = None
 
 
 class VoxViTModel(VoxViTPreTrainedModel):
     r"""
     The VoxViT encoder. Input volumes `(B, C, D, H, W)` in [0, 1] (as `VoxVolumeProcessor` produces them); output
     `last_hidden_state` `(B, 1 + N, E)` after the final LayerNorm (index 0 is CLS) and `pooler_output` `(B, E)`, the
-    CLS token.
+    CLS token. Studies `(B, S, C, D, H, W)` with an optional `scan_mask (B, S)` run HLIP hierarchical attention as
+    `config.attention_levels` assigns it (module docstring) and give per-scan tokens `(B, S, 1 + N, E)` and a study
+    embedding `(B, E)`.
     """
 
     def __init__(self, config: VoxViTConfig):
         super().__init__(config)
         self.patch_embedding = VoxViTPatchEmbedding(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Scan 0 gets no scan-order embedding, so a one-scan study is exactly the single-scan encoder and single-scan
+        # checkpoints (M3D-CLIP) start study training from where they are.
+        self.scan_embeddings = (
+            nn.Parameter(torch.zeros(config.max_scans - 1, config.hidden_size)) if config.max_scans > 1 else None
+        )
         self.blocks = nn.ModuleList([VoxViTBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -184,41 +273,182 @@ class VoxViTModel(VoxViTPreTrainedModel):
         cls_tokens = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, E)
         return torch.cat([cls_tokens, tokens], dim=1)
 
+    def check_study(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Raise `ValueError` when a study `(B, S, C, D, H, W)` or its `scan_mask (B, S)` does not fit this encoder.
+
+        Returns:
+            The mask as booleans `(B, S)`, or `None` when none was given (every scan is real).
+        """
+        expected = (self.config.num_channels, *self.config.image_size)
+        if pixel_values.dim() != 6 or tuple(pixel_values.shape[2:]) != expected:
+            raise ValueError(
+                f"VoxViT expects a study of shape (B, S, {', '.join(map(str, expected))}) (B, S, C, D, H, W); "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        num_scans = pixel_values.shape[1]
+        if num_scans > self.config.max_scans:
+            raise ValueError(
+                f"the study holds {num_scans} scans but `max_scans` of this VoxViT config is {self.config.max_scans}"
+            )
+        if scan_mask is None:
+            return None
+        if tuple(scan_mask.shape) != tuple(pixel_values.shape[:2]):
+            raise ValueError(
+                f"scan_mask must have shape (B, S) = {tuple(pixel_values.shape[:2])}, got {tuple(scan_mask.shape)}"
+            )
+        scan_mask = scan_mask.to(device=pixel_values.device, dtype=torch.bool)
+        if not scan_mask.any(dim=1).all():
+            raise ValueError("scan_mask marks every scan of a study as padding; each study needs one real scan")
+        return scan_mask
+
+    def embed_study(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Embed every scan of a study and add the scan-order embedding to the patch tokens of scans 1..S-1.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(B, S, C, D, H, W)`): the scans of each study.
+
+        Returns:
+            `torch.Tensor` of shape `(B, S, 1 + N, E)`: per scan, CLS then its patch tokens.
+        """
+        batch_size, num_scans = pixel_values.shape[:2]
+        scans = rearrange(pixel_values, "b s c d h w -> (b s) c d h w")  # (B, S, C, D, H, W) -> (B S, C, D, H, W)
+        tokens = rearrange(self.embed(scans), "(b s) n e -> b s n e", b=batch_size)  # -> (B, S, 1 + N, E)
+        if num_scans == 1:
+            return tokens
+        scan_offsets = F.pad(self.scan_embeddings[: num_scans - 1], (0, 0, 1, 0))  # (S - 1, E) -> (S, E), scan 0: zero
+        patches = tokens[:, :, 1:] + scan_offsets[:, None].to(tokens.dtype)  # (B, S, N, E)
+        return torch.cat([tokens[:, :, :1], patches], dim=2)
+
+    def group_tokens(
+        self, hidden_states: torch.Tensor, level: str, scan_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Regroup study tokens so that attention over the batch axis is attention within one `level` group.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, S, 1 + N, E)`): study tokens, CLS first in each scan.
+            level (`str`): `"slice"`, `"scan"` or `"study"`.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): `True` for real scans.
+
+        Returns:
+            The groups `(G, n, E)` and, for study groups with a mask, the key mask `(B, 1, 1, S (1 + N))`.
+        """
+        if level == "scan":
+            return rearrange(hidden_states, "b s n e -> (b s) n e"), None  # (B, S, 1 + N, E) -> (B S, 1 + N, E)
+        if level == "study":
+            groups = rearrange(hidden_states, "b s n e -> b (s n) e")  # (B, S, 1 + N, E) -> (B, S (1 + N), E)
+            if scan_mask is None:
+                return groups, None
+            key_mask = repeat(scan_mask, "b s -> b 1 1 (s n)", n=hidden_states.shape[2])  # (B, 1, 1, S (1 + N))
+            return groups, key_mask
+        depth = self.config.grid_size[0]
+        # (B, S, N, E) -> (B, S, D', H' W', E): patchify orders tokens depth first, so a slab is a contiguous run
+        slabs = rearrange(hidden_states[:, :, 1:], "b s (d hw) e -> b s d hw e", d=depth)
+        cls_copies = hidden_states[:, :, None, :1].expand(-1, -1, depth, -1, -1)  # (B, S, D', 1, E)
+        groups = torch.cat([cls_copies, slabs], dim=3)  # (B, S, D', 1 + H' W', E)
+        return rearrange(groups, "b s d n e -> (b s d) n e"), None  # -> (B S D', 1 + H' W', E)
+
+    def ungroup_tokens(self, groups: torch.Tensor, level: str, num_scans: int) -> torch.Tensor:
+        """Inverse of [`group_tokens`]: `(G, n, E)` -> `(B, S, 1 + N, E)`; slice CLS copies are averaged into one."""
+        if level == "scan":
+            return rearrange(groups, "(b s) n e -> b s n e", s=num_scans)  # (B S, 1 + N, E) -> (B, S, 1 + N, E)
+        if level == "study":
+            return rearrange(groups, "b (s n) e -> b s n e", s=num_scans)  # (B, S (1 + N), E) -> (B, S, 1 + N, E)
+        # (B S D', 1 + H' W', E) -> (B, S, D', 1 + H' W', E)
+        slabs = rearrange(groups, "(b s d) n e -> b s d n e", s=num_scans, d=self.config.grid_size[0])
+        cls_tokens = slabs[:, :, :, :1].mean(dim=2)  # (B, S, 1, E)
+        patches = rearrange(slabs[:, :, :, 1:], "b s d hw e -> b s (d hw) e")  # (B, S, N, E)
+        return torch.cat([cls_tokens, patches], dim=2)
+
+    def forward_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        scan_mask: torch.Tensor | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """Run the blocks, regrouping tokens once per run of consecutive blocks with the same attention level.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, S, 1 + N, E)`): embedded study tokens.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): `True` for real scans.
+
+        Returns:
+            The block output `(B, S, 1 + N, E)`, the hidden states per block (or `None`) and the attention weights per
+            block (or `None`).
+        """
+        num_scans = hidden_states.shape[1]
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        levels_and_blocks = zip(self.config.block_attention_levels, self.blocks)
+        for level, run in groupby(levels_and_blocks, key=lambda level_and_block: level_and_block[0]):
+            groups, attention_mask = self.group_tokens(hidden_states, level, scan_mask)
+            for _, block in run:
+                groups, weights = block(groups, attention_mask, output_attentions)
+                if output_hidden_states:
+                    all_hidden_states += (self.ungroup_tokens(groups, level, num_scans),)
+                if output_attentions:
+                    all_attentions += (weights,)
+            hidden_states = self.ungroup_tokens(groups, level, num_scans)
+        return hidden_states, all_hidden_states, all_attentions
+
+    @staticmethod
+    def pool_study(cls_tokens: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:
+        """Study embedding: the mean CLS token over real scans, `(B, S, E)` -> `(B, E)`."""
+        if scan_mask is None:
+            return cls_tokens.mean(dim=1)
+        weights = scan_mask.to(cls_tokens.dtype).unsqueeze(-1)  # (B, S, 1)
+        return (cls_tokens * weights).sum(dim=1) / weights.sum(dim=1)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
+        scan_mask: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> VoxViTModelOutput:
         r"""
         Args:
-            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): preprocessed volumes.
-            output_attentions (`bool`, *optional*): return each block's attention weights `(B, heads, 1 + N, 1 + N)`
-                (computed eagerly instead of with SDPA).
-            output_hidden_states (`bool`, *optional*): return the embeddings and each block's output `(B, 1 + N, E)`.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): preprocessed volumes,
+                or studies of S scans each (padded to the same S; at most `config.max_scans`).
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` (or 1) for real scans and
+                `False` for padding; padded scans are hidden from study attention and left out of the study embedding.
+            output_attentions (`bool`, *optional*): return each block's attention weights (computed eagerly instead of
+                with SDPA); `(B, heads, 1 + N, 1 + N)` for a volume with scan attention, else see [`VoxViTModelOutput`].
+            output_hidden_states (`bool`, *optional*): return the embeddings and each block's output.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        hidden_states = self.embed(pixel_values)  # (B, 1 + N, E)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for block in self.blocks:
-            hidden_states, weights = block(hidden_states, None, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (weights,)
-        last_hidden_state = self.norm(hidden_states)
-        return BaseModelOutputWithPooling(
+        is_study = pixel_values.dim() == 6
+        if is_study:
+            scan_mask = self.check_study(pixel_values, scan_mask)
+        else:
+            self.check_pixel_values(pixel_values)
+            pixel_values = pixel_values.unsqueeze(1)  # (B, C, D, H, W) -> (B, 1, C, D, H, W): a one-scan study
+        hidden_states = self.embed_study(pixel_values)  # (B, S, 1 + N, E)
+        hidden_states, all_hidden_states, all_attentions = self.forward_blocks(
+            hidden_states, scan_mask, output_attentions, output_hidden_states
+        )
+        last_hidden_state = self.norm(hidden_states)  # (B, S, 1 + N, E)
+        if not is_study:
+            return VoxViTModelOutput(
+                last_hidden_state=last_hidden_state[:, 0],
+                pooler_output=last_hidden_state[:, 0, 0],
+                hidden_states=tuple(state[:, 0] for state in all_hidden_states) if output_hidden_states else None,
+                attentions=all_attentions,
+            )
+        if scan_mask is None:
+            scan_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+        return VoxViTModelOutput(
             last_hidden_state=last_hidden_state,
-            pooler_output=last_hidden_state[:, 0],
+            pooler_output=self.pool_study(last_hidden_state[:, :, 0], scan_mask),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            scan_mask=scan_mask,
         )
 
 
-__all__ = ["VoxViTModel", "VoxViTPreTrainedModel", "patchify"]
+__all__ = ["VoxViTModel", "VoxViTModelOutput", "VoxViTPreTrainedModel", "patchify", "sincos_position_embeddings"]
