@@ -1,0 +1,163 @@
+"""HLIP benchmark: one VoxViT forward over a study of S = 1, 4, 8 scans, hierarchical attention against full study attention.
+
+For each attention schedule and scan count it reports the fastest of `--repeats` forward times after one warm-up
+(the minimum, because the machine is shared and interference only ever adds time), the extra peak
+resident memory of the forward (measured in a fresh process per row, so rows do not share allocator state), and the
+attention FLOPs counted analytically from the token groups each block attends over: `4 * groups * n^2 * E` per block
+(`Q K^T` and `softmax(.) V`, two FLOPs per multiply-add), beside the projection / MLP FLOPs that every schedule shares.
+Prints a Markdown table.
+
+Schedules: `study` (every block attends across the whole study: a plain ViT over all S (1 + N) tokens),
+`scan_study` and `slice_scan_study` (HLIP presets), and `scan` (scans never meet: the linear floor).
+
+Usage: python benchmarks/bench_hlip.py [--scans 1 4 8] [--repeats 3] [--hidden-size 192] [--layers 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+SCHEDULES = ("study", "scan_study", "slice_scan_study", "scan")
+
+
+def build_config(schedule: str, args):
+    from voxlm.modeling import VoxViTConfig
+
+    levels = [schedule] * args.layers if schedule in ("study", "scan") else schedule
+    return VoxViTConfig(
+        image_size=tuple(args.image_size),
+        patch_size=tuple(args.patch_size),
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        attention_levels=levels,
+        position_embedding_type="sincos",
+        max_scans=max(args.scans),
+    )
+
+
+def flop_counts(config, num_scans: int) -> tuple[float, float]:
+    """Attention-matrix FLOPs and projection + MLP FLOPs of one forward over one study of `num_scans` scans.
+
+    Args:
+        config (`VoxViTConfig`): the encoder.
+        num_scans (`int`): S.
+
+    Returns:
+        `(attention_flops, linear_flops)`; attention counts `Q K^T` and the weighted sum of values over each group.
+    """
+    width = config.hidden_size
+    depth, height, width_patches = config.grid_size
+    tokens_per_scan = 1 + config.num_patches
+    # (number of groups, tokens per group) of each level for one study
+    groups = {
+        "slice": (num_scans * depth, 1 + height * width_patches),
+        "scan": (num_scans, tokens_per_scan),
+        "study": (1, num_scans * tokens_per_scan),
+    }
+    attention = sum(4 * count * length**2 * width for count, length in map(groups.get, config.block_attention_levels))
+    # Token counts differ only through the slice level's CLS copies; count linear work on the real tokens.
+    per_token = 2 * (4 * width**2 + 2 * width * config.intermediate_size)
+    linear = config.num_hidden_layers * num_scans * tokens_per_scan * per_token
+    return float(attention), float(linear)
+
+
+def measure(schedule: str, num_scans: int, args) -> dict:
+    """Run in a fresh process: time the forward and record how much it raised the peak resident memory."""
+    import torch
+
+    from voxlm.modeling import VoxViTModel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    config = build_config(schedule, args)
+    model = VoxViTModel(config).eval()
+    study = torch.rand(1, num_scans, 1, *config.image_size)
+    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.repeats + 1):
+            start = time.perf_counter()
+            model(study)
+            times.append(time.perf_counter() - start)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    attention, linear = flop_counts(config, num_scans)
+    return dict(
+        seconds=min(times[1:]),
+        memory_mib=(peak_kib - baseline_kib) / 1024,
+        attention_gflops=attention / 1e9,
+        linear_gflops=linear / 1e9,
+    )
+
+
+def total(row: dict) -> float:
+    """Attention plus projection / MLP GFLOPs of one measured row."""
+    return row["attention_gflops"] + row["linear_gflops"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One row per (schedule, S), growth columns relative to the smallest S of the same schedule."""
+    lines = [
+        "| schedule | S | tokens | forward (s) | time / S=1 | extra peak RSS (MiB) | attention GFLOPs "
+        "| attention / S=1 | all GFLOPs | all / S=1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    first = {row["schedule"]: row for row in rows if row["scans"] == min(r["scans"] for r in rows)}
+    for row in rows:
+        base = first[row["schedule"]]
+        lines.append(
+            f"| {row['schedule']} | {row['scans']} | {row['tokens']} | {row['seconds']:.3f} "
+            f"| {row['seconds'] / base['seconds']:.1f}x | {row['memory_mib']:.0f} | {row['attention_gflops']:.2f} "
+            f"| {row['attention_gflops'] / base['attention_gflops']:.1f}x | {total(row):.2f} "
+            f"| {total(row) / total(base):.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scans", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    parser.add_argument("--image-size", type=int, nargs=3, default=[32, 128, 128])
+    parser.add_argument("--patch-size", type=int, nargs=3, default=[4, 16, 16])
+    parser.add_argument("--hidden-size", type=int, default=192)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("SCHEDULE", "SCANS"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        schedule, num_scans = args.worker[0], int(args.worker[1])
+        sys.stdout.write(json.dumps(measure(schedule, num_scans, args)) + "\n")
+        return
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    tokens_per_scan = 1 + math.prod(s // p for s, p in zip(args.image_size, args.patch_size))
+    rows = []
+    for schedule in args.schedules:
+        for num_scans in sorted(args.scans):
+            command = [sys.executable, __file__, *forwarded, "--worker", schedule, str(num_scans)]
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(dict(schedule=schedule, scans=num_scans, tokens=num_scans * tokens_per_scan, **measured))
+    header = (
+        f"VoxViT forward, one study, scans {tuple(args.image_size)} patch {tuple(args.patch_size)} "
+        f"({tokens_per_scan} tokens per scan), width {args.hidden_size}, {args.layers} blocks, "
+        f"{args.threads} CPU threads, fastest of {args.repeats}"
+    )
+    sys.stdout.write(header + "\n\n" + markdown_table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
