@@ -1,5 +1,6 @@
 """VoxViT study mode (HLIP hierarchical attention): config, one-scan equivalence, locality of each level, masking."""
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_vision_config
@@ -205,3 +206,88 @@ def test_single_scan_config_rejects_studies_of_several_scans():
     assert model.scan_embeddings is None and "scan_embeddings" not in model.state_dict()
     with pytest.raises(ValueError, match="`max_scans`"):
         model(torch.rand(1, 2, 1, 8, 16, 16))
+
+
+# Study-level data: phantom studies, their Hub rows, HLIP sampling and the collator feeding study mode.
+SMALL_STUDY_SHAPE = (16, 48, 48)
+
+
+def test_phantom_study_has_four_series_and_keeps_single_series_findings_in_one_series():
+    from voxlm.training.data.hub_format import decode_array
+    from voxlm.training.data.phantoms import generate_case
+    from voxlm.training.data.studies import SERIES_KINDS, generate_study
+
+    row = generate_study(8, shape=SMALL_STUDY_SHAPE, single_series_fraction=1.0)
+    assert row == generate_study(8, shape=SMALL_STUDY_SHAPE, single_series_fraction=1.0)  # deterministic
+    assert [item["description"] for item in row["series"]] == [kind[0] for kind in SERIES_KINDS]
+    volumes = [decode_array(item["image"]) for item in row["series"]]
+    assert [v.shape for v in volumes] == [SMALL_STUDY_SHAPE] * 3 + [(4, 24, 24)]
+    case = generate_case(8, shape=SMALL_STUDY_SHAPE)
+    assert row["label"] == case.finding.kind and row["report"] == case.report and len(row["finding_series"]) == 1
+    shown = row["finding_series"][0]
+    assert shown != 1  # a bleed is never hidden in the bone window only
+    lesion = case.finding.mask
+    for index in (0, 1):  # the two non-contrast thin series: the lesion's HU appear only where it was drawn
+        has_lesion = np.allclose(volumes[index][lesion], case.volume[lesion])
+        assert has_lesion == (index == shown), index
+
+
+def test_post_contrast_and_thick_series_change_what_they_should():
+    from voxlm.training.data.phantoms import generate_case
+    from voxlm.training.data.studies import post_contrast, thick_slices
+
+    head = generate_case(1, shape=SMALL_STUDY_SHAPE, normal_fraction=1.0).volume
+    enhanced = post_contrast(head)
+    brain = (head > 14) & (head < 550)
+    assert np.all(enhanced[brain] >= head[brain] + 6) and np.array_equal(enhanced[~brain], head[~brain])
+    thick = thick_slices(head)
+    assert thick.shape == (4, 24, 24)
+    np.testing.assert_allclose(thick[0, 0, 0], head[:4, :2, :2].mean(), rtol=1e-6)
+
+
+def test_sampling_caps_series_and_shuffles_report_sentences():
+    from voxlm.training.data.studies import StudyError, StudySampling, sample_study
+
+    row = dict(id="s", series=[dict(description=str(i)) for i in range(4)], report="One. Two! Three? Four.")
+    rng = np.random.default_rng(0)
+    samples = [sample_study(row, StudySampling(max_series=2), rng) for _ in range(40)]
+    assert {len(s["series"]) for s in samples} == {1, 2}
+    assert all([row["series"][i] for i in s["series_indices"]] == s["series"] for s in samples)
+    assert len({tuple(s["series_indices"]) for s in samples}) > 6  # random subsets in random order
+    assert {tuple(sorted(s["report"].split(" "))) for s in samples} == {("Four.", "One.", "Three?", "Two!")}
+    assert len({s["report"] for s in samples}) > 3
+    fixed = sample_study(row, StudySampling(max_series=3, random_subset=False, shuffle_sentences=False), rng)
+    assert fixed["series_indices"] == [0, 1, 2] and fixed["report"] == row["report"]
+    with pytest.raises(StudyError, match="max_series must be >= 1"):
+        StudySampling(max_series=0)
+    with pytest.raises(StudyError, match="study 'empty': `series` is empty"):
+        sample_study(dict(id="empty", series=[], report="x"), StudySampling(), rng)
+
+
+def test_study_rows_stream_from_parquet_and_collate_into_study_mode(tmp_path):
+    from datasets import load_dataset
+
+    from voxlm.processing import VoxVolumeProcessor
+    from voxlm.training.data.studies import StudyCollator, StudySampling, generate_study, write_study_dataset
+
+    rows = [generate_study(seed, shape=SMALL_STUDY_SHAPE) for seed in range(3)]
+    for row in rows:
+        row["split"] = "train"
+    write_study_dataset(rows, tmp_path, "Phantom studies.")
+    streamed = list(load_dataset(str(tmp_path), "study", split="train", streaming=True))
+    assert [row["id"] for row in streamed] == [row["id"] for row in rows]
+    assert streamed[0]["series"][3]["image"] == rows[0]["series"][3]["image"]
+    assert streamed[0]["finding_series"] == rows[0]["finding_series"]
+
+    collator = StudyCollator(VoxVolumeProcessor(image_size=(8, 16, 16)), StudySampling(max_series=3), seed=0)
+    batch = collator(streamed)
+    counts = batch["scan_mask"].sum(dim=1)
+    assert batch["pixel_values"].shape == (3, int(counts.max()), 1, 8, 16, 16)
+    assert counts.max() <= 3 and counts.min() >= 1
+    for index, count in enumerate(counts.tolist()):  # padding is zeros, real series are windowed into [0, 1]
+        assert batch["pixel_values"][index, count:].abs().sum() == 0
+        assert batch["pixel_values"][index, :count].amax(dim=(1, 2, 3, 4)).gt(0.5).all()
+    model = seeded_model(study_config())
+    with torch.no_grad():
+        output = model(batch["pixel_values"], scan_mask=batch["scan_mask"])
+    assert output.pooler_output.shape == (3, 32) and torch.isfinite(output.pooler_output).all()
