@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from voxlm import inference
 from voxlm.evaluation import cli as evaluation_cli
 from voxlm.training import finetune, pretrain_projector, quickstart, train_clip
 from voxlm.training.data import phantom_dataset
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in (train_clip, pretrain_projector, finetune):
         stage.add_parser(stages)
     finetune.add_merge_parser(subparsers)
+    inference.add_parsers(subparsers)
     return parser
 
 

@@ -184,13 +184,42 @@ class VoxVolumeProcessor(BaseImageProcessor):
             metadata (`VolumeMetadata`): from `preprocess_volume` of the same volume.
             threshold (`float`, defaults to 0.5): probability above which a voxel is foreground.
         """
+        return metadata.volume.to_source_grid(self.mask_to_canonical(mask, metadata, threshold))
+
+    def mask_to_canonical(self, mask, metadata: VolumeMetadata, threshold: float = 0.5) -> np.ndarray:
+        """A mask at model resolution -> a uint8 mask on the canonical grid `(D, H, W)` of `read_volume`, before
+        cropping: the grid a viewer of the canonical volume draws it on.
+
+        Args:
+            mask (`np.ndarray` or `torch.Tensor` of shape `(D, H, W)` or `(1, D, H, W)`): probabilities or a binary mask
+                at `image_size`.
+            metadata (`VolumeMetadata`): from `preprocess_volume` of the same volume.
+            threshold (`float`, defaults to 0.5): probability above which a voxel is foreground.
+        """
         mask = torch.as_tensor(np.asarray(mask, dtype=np.float32) if not torch.is_tensor(mask) else mask.float())
         mask = mask.reshape(mask.shape[-3:])
         (d0, d1), (h0, h1), (w0, w1) = metadata.crop
         resized = resize_volume(mask, (d1 - d0, h1 - h0, w1 - w0)).numpy() > threshold
         canonical = np.zeros(metadata.canonical_shape, dtype=np.uint8)
         canonical[d0:d1, h0:h1, w0:w1] = resized
-        return metadata.volume.to_source_grid(canonical)
+        return canonical
+
+    def box_to_canonical(self, box, metadata: VolumeMetadata) -> np.ndarray:
+        """A box as the model writes it -> its two corners in canonical voxel-index coordinates.
+
+        Args:
+            box (sequence of 6 floats): `(z1, y1, x1, z2, y2, x2)` in [0, 1] of the model's input, which is the
+                foreground crop resized to `image_size`.
+            metadata (`VolumeMetadata`): from `preprocess_volume` of the same volume.
+
+        Returns:
+            `np.ndarray` of shape `(2, 3)`: `(d, h, w)` of the low and high corners; continuous, voxel centres at
+            integers, so a box over whole voxels `i..j` spans `i - 0.5 .. j + 0.5`.
+        """
+        values = np.clip(np.asarray(box, dtype=np.float64).reshape(2, 3), 0.0, 1.0)  # (6,) -> (corner, axis)
+        start = np.array([low for low, _ in metadata.crop], dtype=np.float64)
+        extent = np.array([high - low for low, high in metadata.crop], dtype=np.float64)
+        return start + values * extent - 0.5
 
     def save_mask_nifti(self, mask, metadata: VolumeMetadata, path: str | Path, threshold: float = 0.5) -> Path:
         """Write a model-resolution mask as NIfTI on the source's grid with the source's affine."""

@@ -58,6 +58,22 @@ class Volume:
         back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), self.orientation)
         return np.ascontiguousarray(nib.orientations.apply_orientation(ras, back))
 
+    def canonical_to_world(self, points) -> np.ndarray:
+        """Canonical voxel coordinates -> world coordinates in mm (RAS, through the source's affine).
+
+        Args:
+            points (array of shape `(N, 3)`): `(d, h, w)` voxel-index coordinates on the canonical grid (continuous).
+
+        Returns:
+            `np.ndarray` of shape `(N, 3)`: `(x, y, z)` in mm, RAS.
+        """
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        to_ras = nib.orientations.ornt_transform(self.orientation, nib.orientations.axcodes2ornt(("R", "A", "S")))
+        ras_to_source = nib.orientations.inv_ornt_aff(to_ras, self.source_shape)  # RAS voxel -> source voxel
+        ras_voxels = points[:, list(CANONICAL_AXES)]  # (N, 3) (d, h, w) = (S, A, R) -> (R, A, S)
+        homogeneous = np.concatenate([ras_voxels, np.ones((len(points), 1))], axis=1)  # (N, 3) -> (N, 4)
+        return (self.affine @ ras_to_source @ homogeneous.T).T[:, :3]
+
 
 def _check_voxels(shape, max_voxels: int, source: str) -> None:
     count = math.prod(int(s) for s in shape)

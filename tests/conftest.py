@@ -42,3 +42,15 @@ def minilm_dir():
     from voxlm.training.backends import minilm_folder
 
     return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dirs(tmp_path_factory, minilm_dir):
+    """`(voxlm_dir, clip_dir)`: a tiny VoxLM trained to answer `tiny_models.DEMO_SEG_QUESTION` with `[SEG]` and a
+    tiny VoxCLIP, saved as folders, for the CLI and Space tests."""
+    from tiny_models import save_demo_voxclip, save_demo_voxlm
+
+    root = tmp_path_factory.mktemp("demo-models")
+    save_demo_voxlm(root / "voxlm")
+    save_demo_voxclip(root / "clip", minilm_dir)
+    return root / "voxlm", root / "clip"

@@ -56,3 +56,63 @@ def tiny_voxlm_config(kind: str = "llama", seg: bool = True, **overrides) -> Vox
     )
     settings.update(overrides)
     return VoxLMConfig(**settings)
+
+
+# The demo and CLI tests (tests/test_inference_cli.py, tests/test_space.py) load models from folders, as users do.
+DEMO_IMAGE_SIZE = [8, 32, 32]
+DEMO_VISION = dict(patch_size=[2, 8, 8], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=4)
+DEMO_SEG_QUESTION = "Segment the brain in this CT."
+DEMO_SEG_ANSWER = "It is [SEG]."
+
+
+def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
+    """A tiny VoxLM (tiny Llama with SmolLM2's tokenizer) that answers `DEMO_SEG_QUESTION` with `DEMO_SEG_ANSWER` on
+    any volume, and segments what it was trained to: saved with its processor to `folder`.
+
+    Its projector is zeroed and frozen, so the LLM is blind to the image and its greedy answer is the same for every
+    volume (a tiny model trained on two phantoms does not generalise, and the tests feed it MRI and DICOM too); the
+    segmentation head still reads the encoder's patch features, and is trained for a few steps on brain masks
+    (0-100 HU) of two phantoms, a target large enough to be learnt in a few steps, so its masks are not empty.
+    Returns the phantom volumes `(D, H, W)` it was trained on."""
+    import torch
+
+    from voxlm.training.assemble import ModelSettings, build_voxlm
+    from voxlm.training.data import generate_case
+
+    model, processor = build_voxlm(ModelSettings(
+        llm="tiny-llama", image_size=DEMO_IMAGE_SIZE, vision_config=DEMO_VISION,
+        seg_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)), seed=seed)
+    for parameter in model.multi_modal_projector.parameters():
+        parameter.data.zero_()
+        parameter.requires_grad_(False)
+    volumes = [generate_case(s, shape=(16, 48, 48)).volume for s in range(2)]
+    batch = processor(images=volumes, text=[DEMO_SEG_QUESTION] * len(volumes),
+                      answers=[DEMO_SEG_ANSWER] * len(volumes),
+                      masks=[((v > 0) & (v < 100)).astype("uint8") for v in volumes])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return volumes
+
+
+def save_demo_voxclip(folder, minilm_dir, seed: int = 0) -> None:
+    """A tiny random VoxCLIP (MiniLM text encoder) with its volume processor and tokenizer, saved to `folder`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from voxlm.modeling import VoxCLIPModel
+    from voxlm.processing import VoxVolumeProcessor
+
+    torch.manual_seed(seed)
+    model = VoxCLIPModel.from_vision_text_pretrained(
+        None, str(minilm_dir), vision_config=VoxViTConfig(image_size=DEMO_IMAGE_SIZE, **DEMO_VISION), projection_dim=16)
+    model.save_pretrained(folder)
+    VoxVolumeProcessor(image_size=DEMO_IMAGE_SIZE).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)

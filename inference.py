@@ -1,0 +1,416 @@
+"""Inference on one volume, shared by `voxlm predict|retrieve|classify` and the Space (`spaces/app.py`).
+
+    predict(volume, question)   -> answer text, parsed boxes, and a mask on the input's own grid when it says [SEG]
+    retrieve(volume, reports)   -> the closest reports by VoxCLIP similarity
+    classify(volume, labels)    -> zero-shot class probabilities (VoxCLIP, prompt ensembles)
+
+Every volume goes through the model's saved processor (STYLE.md rule 9): nothing here windows or resizes voxels.
+Models are a local folder or a Hub id; the defaults are the folders `voxlm quickstart` leaves, overridable with the
+`VOXLM_MODEL` and `VOXLM_CLIP_MODEL` environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from voxlm.processing import Volume, VolumeMetadata, read_volume
+
+logger = logging.getLogger(__name__)
+
+MODEL_ENV = "VOXLM_MODEL"
+CLIP_MODEL_ENV = "VOXLM_CLIP_MODEL"
+DEFAULT_MODEL = "voxlm-quickstart/finetune/final/model"
+DEFAULT_CLIP_MODEL = "voxlm-quickstart/clip/final"
+HOW_TO_GET_A_MODEL = (
+    "Train one on this machine with `voxlm quickstart` (about 10 minutes on a laptop CPU; it leaves "
+    f"{DEFAULT_MODEL} and {DEFAULT_CLIP_MODEL}), or point {MODEL_ENV} / {CLIP_MODEL_ENV} (or --model) at a saved "
+    "folder or a Hub repo id."
+)
+
+
+class ModelNotFoundError(RuntimeError):
+    """No model could be loaded from the given folder or Hub id; the message says how to get one."""
+
+
+@dataclass
+class ClipBundle:
+    """A VoxCLIP with what it takes to embed volumes and texts."""
+
+    model: torch.nn.Module
+    volume_processor: object
+    tokenizer: object
+
+
+@dataclass
+class Prediction:
+    """One answer about one volume.
+
+    Args:
+        text (`str`): the answer, special tokens removed (`[SEG]` kept).
+        boxes (`list[list[float]]`): boxes the answer holds, `(z1, y1, x1, z2, y2, x2)` in [0, 1] of the model input.
+        boxes_canonical (`list[np.ndarray]`): each box's corners `(2, 3)` in canonical `(d, h, w)` voxel coordinates.
+        boxes_world (`list[np.ndarray]`): each box's corners `(2, 3)` in RAS world mm, through the input's affine.
+        has_seg (`bool`): whether the answer holds `[SEG]`.
+        mask (`np.ndarray`, *optional*): uint8 mask on the input's own array grid (the file's shape), with `[SEG]`.
+        canonical_mask (`np.ndarray` of shape `(D, H, W)`, *optional*): the same mask on the canonical grid.
+        volume (`Volume`): the input in the canonical layout (voxels included), for viewers.
+        metadata (`VolumeMetadata`): the preprocessing geometry (crop, affine, orientation).
+    """
+
+    text: str
+    boxes: list[list[float]]
+    boxes_canonical: list[np.ndarray]
+    boxes_world: list[np.ndarray]
+    has_seg: bool
+    mask: np.ndarray | None
+    canonical_mask: np.ndarray | None
+    volume: Volume = field(repr=False)
+    metadata: VolumeMetadata = field(repr=False)
+
+    def save_mask(self, path: str | Path) -> Path:
+        """Write the mask as NIfTI on the input's grid, with the input's affine."""
+        if self.mask is None:
+            raise ValueError("This answer holds no [SEG], so there is no mask to save")
+        path = Path(path)
+        nib.save(nib.Nifti1Image(self.mask, self.metadata.volume.affine), path)
+        return path
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without voxels)."""
+        return {
+            "answer": self.text,
+            "boxes": [[round(v, 3) for v in box] for box in self.boxes],
+            "boxes_ras_mm": [np.round(corners, 2).tolist() for corners in self.boxes_world],
+            "has_seg": self.has_seg,
+            "mask_voxels": None if self.mask is None else int(self.mask.sum()),
+        }
+
+
+class _StepReporter(StoppingCriteria):
+    """Calls `callback(new_tokens, max_new_tokens)` after each generated token; never stops generation."""
+
+    def __init__(self, callback: Callable[[int, int], None], prompt_length: int, max_new_tokens: int):
+        self.callback, self.prompt_length, self.max_new_tokens = callback, prompt_length, max_new_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.callback(input_ids.shape[1] - self.prompt_length, self.max_new_tokens)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def resolve_model_name(name: str | None, env: str, default: str) -> str:
+    """The explicit name, else the environment variable, else the quickstart's output folder."""
+    return name or os.environ.get(env) or default
+
+
+def _from_pretrained(loader, name: str, kind: str):
+    try:
+        return loader(name)
+    except (OSError, ValueError) as error:  # missing folder, unknown or offline Hub id, malformed repo id
+        raise ModelNotFoundError(
+            f"No {kind} could be loaded from {name!r} ({str(error).splitlines()[0]}). {HOW_TO_GET_A_MODEL}"
+        ) from error
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_voxlm(name: str | None = None, device: str | torch.device | None = None):
+    """`(model, processor)` of a saved VoxLM (folder or Hub id; `None`: `$VOXLM_MODEL`, else the quickstart's)."""
+    from transformers import AutoModel, AutoProcessor
+
+    import voxlm  # noqa: F401  (registers the Auto classes)
+
+    name = resolve_model_name(name, MODEL_ENV, DEFAULT_MODEL)
+    model = _from_pretrained(AutoModel.from_pretrained, name, "VoxLM")
+    processor = _from_pretrained(AutoProcessor.from_pretrained, name, "VoxLM processor")
+    return model.to(device or default_device()).eval(), processor
+
+
+def load_voxclip(name: str | None = None, device: str | torch.device | None = None) -> ClipBundle:
+    """A saved VoxCLIP with its volume processor and tokenizer (`None`: `$VOXLM_CLIP_MODEL`, else the quickstart's)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    import voxlm  # noqa: F401
+
+    name = resolve_model_name(name, CLIP_MODEL_ENV, DEFAULT_CLIP_MODEL)
+    model = _from_pretrained(AutoModel.from_pretrained, name, "VoxCLIP")
+    if model.config.model_type != "voxclip":
+        raise ModelNotFoundError(
+            f"{name!r} holds a {model.config.model_type} model, not a VoxCLIP. {HOW_TO_GET_A_MODEL}"
+        )
+    return ClipBundle(
+        model=model.to(device or default_device()).eval(),
+        volume_processor=_from_pretrained(AutoImageProcessor.from_pretrained, name, "VoxCLIP volume processor"),
+        tokenizer=_from_pretrained(AutoTokenizer.from_pretrained, name, "VoxCLIP tokenizer"),
+    )
+
+
+def read_input(volume, volume_processor) -> Volume:
+    """Read a path (or array) once, with the processor's limits, into the canonical layout."""
+    return read_volume(volume, max_voxels=volume_processor.max_voxels, nan_policy=volume_processor.nan_policy)
+
+
+@torch.no_grad()
+def predict(
+    volume,
+    question: str,
+    model=None,
+    processor=None,
+    *,
+    modality: str | None = None,
+    window=None,
+    max_new_tokens: int = 64,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Prediction:
+    """Answer a question about a volume: greedy generation, boxes parsed, and a mask when the answer holds `[SEG]`.
+
+    Args:
+        volume: a path (NIfTI, DICOM folder or `.zip`, NRRD/MHA, `.npy`), an array `(D, H, W)` or a `Volume`.
+        question (`str`): the question (plain text; the processor builds the prompt).
+        model, processor (*optional*): a VoxLM and its processor; `None` loads them with `load_voxlm()`.
+        modality (`str`, *optional*): `"CT"` or e.g. `"MR"`; default: the file's DICOM modality, else the processor's.
+        window (`str` or `(low, high)`, *optional*): overrides the processor's CT window for this volume.
+        max_new_tokens (`int`, defaults to 64): the answer's length limit.
+        on_step (`Callable[[int, int], None]`, *optional*): called with `(tokens so far, max_new_tokens)`.
+
+    Raises:
+        `VolumeError`: the volume cannot be read, naming the file and the problem.
+    """
+    if not question or not question.strip():
+        raise ValueError("The question is empty; ask something about the volume")
+    if model is None or processor is None:
+        model, processor = load_voxlm()
+    source = read_input(volume, processor.image_processor)
+    inputs = processor(images=[source], text=[question.strip()], modality=modality, window=window,
+                       return_metadata=True)
+    metadata = inputs.pop("metadata")[0]
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    prompt_length = inputs["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StepReporter(on_step, prompt_length, max_new_tokens)] if on_step else [])
+    with_seg = getattr(model, "seg_head", None) is not None
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_masks=with_seg,
+                            stopping_criteria=criteria)
+    sequences = output.sequences if with_seg else output
+    answer = processor.post_process_generation(sequences[:, prompt_length:])[0]
+    volume_processor = processor.image_processor
+    mask = canonical_mask = None
+    if with_seg and output.masks[0] is not None:
+        probabilities = output.masks[0].sigmoid().float().cpu()  # (1, D, H, W) at the model's image_size
+        canonical_mask = volume_processor.mask_to_canonical(probabilities, metadata)
+        mask = metadata.volume.to_source_grid(canonical_mask)
+    corners = [volume_processor.box_to_canonical(box, metadata) for box in answer["boxes"]]
+    return Prediction(
+        text=answer["text"], boxes=answer["boxes"], boxes_canonical=corners,
+        boxes_world=[source.canonical_to_world(c) for c in corners], has_seg=answer["has_seg"], mask=mask,
+        canonical_mask=canonical_mask, volume=source, metadata=metadata,
+    )
+
+
+@torch.no_grad()
+def embed_volume(volume, clip: ClipBundle, modality: str | None = None) -> torch.Tensor:
+    """The normalised VoxCLIP image embedding `(P,)` of one volume."""
+    pixel_values = clip.volume_processor(volume, modality=modality)["pixel_values"]  # (1, 1, D, H, W)
+    return F.normalize(clip.model.get_image_features(pixel_values.to(clip.model.device)), dim=-1)[0].cpu()
+
+
+@torch.no_grad()
+def embed_reports(reports: list[str], clip: ClipBundle, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Normalised VoxCLIP text embeddings `(N, P)`."""
+    rows = []
+    for start in range(0, len(reports), batch_size):
+        tokens = clip.tokenizer(reports[start : start + batch_size], padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt", return_token_type_ids=False)
+        tokens = {key: value.to(clip.model.device) for key, value in tokens.items()}
+        rows.append(F.normalize(clip.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]), dim=-1))
+    return torch.cat(rows).cpu()
+
+
+def retrieve(volume, reports: list[str], clip: ClipBundle | None = None, top_k: int = 5,
+             modality: str | None = None, report_embeddings: torch.Tensor | None = None) -> list[dict]:
+    """The `top_k` reports closest to a volume by cosine similarity.
+
+    Args:
+        volume: anything `read_volume` takes.
+        reports (`list[str]`): the gallery.
+        clip (`ClipBundle`, *optional*): `None` loads `load_voxclip()`.
+        report_embeddings (`torch.Tensor` of shape `(N, P)`, *optional*): `embed_reports(reports)`, when cached.
+
+    Returns:
+        `list[dict]`: `{"rank", "index", "score", "report"}`, best first.
+    """
+    if not reports:
+        raise ValueError("The report gallery is empty")
+    clip = clip or load_voxclip()
+    texts = report_embeddings if report_embeddings is not None else embed_reports(reports, clip)
+    scores = texts @ embed_volume(read_input(volume, clip.volume_processor), clip, modality)  # (N, P) @ (P,) -> (N,)
+    best = scores.argsort(descending=True)[:top_k].tolist()
+    return [{"rank": r + 1, "index": i, "score": round(float(scores[i]), 4), "report": reports[i]}
+            for r, i in enumerate(best)]
+
+
+@torch.no_grad()
+def classify(volume, labels: list[str], clip: ClipBundle | None = None,
+             modality: str | None = None) -> dict[str, float]:
+    """Zero-shot class probabilities of a volume over free-text labels (prompt ensembles, `evaluation.zero_shot`)."""
+    from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
+
+    labels = [label.strip() for label in labels if label.strip()]
+    if len(labels) < 2:
+        raise ValueError(f"Zero-shot classification needs at least two labels, got {labels}")
+    clip = clip or load_voxclip()
+    classes = class_embeddings(clip.model, clip.tokenizer, {label: [label] for label in labels}).cpu()
+    pixel_values = clip.volume_processor(read_input(volume, clip.volume_processor), modality=modality)["pixel_values"]
+    device = clip.model.device
+    probabilities = zero_shot_probabilities(clip.model, pixel_values.to(device), classes.to(device))  # (1, C)
+    return {label: round(float(p), 4) for label, p in zip(labels, probabilities[0].cpu())}
+
+
+def read_reports(path: str | Path) -> list[str]:
+    """A report gallery: JSON (a list of strings or of objects with a `report` field), CSV (a `report` column) or
+    plain text (one report per non-empty line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such reports file")
+    if path.suffix.lower() == ".json":
+        items = json.loads(path.read_text())
+        if not isinstance(items, list):
+            raise ValueError(f"{path.name}: expected a JSON list of reports, got {type(items).__name__}")
+        reports = [item if isinstance(item, str) else item.get("report", "") for item in items]
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if "report" not in (reader.fieldnames or []):
+                raise ValueError(f"{path.name}: the CSV needs a 'report' column, it has {reader.fieldnames}")
+            reports = [row["report"] for row in reader]
+    else:
+        reports = path.read_text().splitlines()
+    reports = [r.strip() for r in reports if r and r.strip()]
+    if not reports:
+        raise ValueError(f"{path.name}: holds no reports")
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `voxlm predict | retrieve | classify`
+
+VOLUME_HELP = "a NIfTI file, a DICOM series folder or .zip, an NRRD/MHA file or a .npy array (D, H, W)"
+MODALITY_HELP = "CT (Hounsfield window) or MR (percentile window); default: the file's DICOM Modality, else the model's"
+
+
+def _print_result(args, result, lines: list[str]) -> None:
+    # The command's output is its result, on stdout; logs go to stderr.
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+
+
+def _run_predict(args) -> int:
+    model, processor = load_voxlm(args.model)
+    prediction = predict(args.volume, args.question, model, processor, modality=args.modality, window=args.window,
+                         max_new_tokens=args.max_new_tokens)
+    result = prediction.to_dict()
+    lines = [prediction.text]
+    for box, world in zip(result["boxes"], result["boxes_ras_mm"]):
+        lines.append(f"box (z1, y1, x1, z2, y2, x2 in [0, 1]): {box}; corners in RAS mm: {world}")
+    result["mask_path"] = None
+    if args.mask_out:
+        if prediction.mask is None:
+            logger.warning("The answer holds no [SEG]: no mask written to %s", args.mask_out)
+        else:
+            result["mask_path"] = str(prediction.save_mask(args.mask_out))
+            lines.append(f"mask ({result['mask_voxels']} voxels) written to {args.mask_out}")
+    _print_result(args, result, lines)
+    return 0
+
+
+def _run_retrieve(args) -> int:
+    reports = read_reports(args.reports)
+    hits = retrieve(args.volume, reports, load_voxclip(args.model), top_k=args.top_k, modality=args.modality)
+    _print_result(args, hits, [f"{h['rank']}. ({h['score']:.3f}) {h['report']}" for h in hits])
+    return 0
+
+
+def _run_classify(args) -> int:
+    probabilities = classify(args.volume, args.labels.split(","), load_voxclip(args.model), modality=args.modality)
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+    _print_result(args, probabilities, [f"{p:.3f}  {label}" for label, p in ranked])
+    return 0
+
+
+def _guarded(run):
+    """Bad input and missing models end the command with their message, not a traceback."""
+    from voxlm.processing import VolumeError
+
+    def wrapper(args) -> int:
+        try:
+            return run(args)
+        except (VolumeError, ModelNotFoundError, ValueError) as error:
+            raise SystemExit(f"voxlm {args.command}: {error}") from error
+
+    return wrapper
+
+
+def add_parsers(subparsers) -> None:
+    """Register `predict`, `retrieve` and `classify` with the `voxlm` command."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    predict_parser = subparsers.add_parser(
+        "predict", help="answer a question about a volume; write the mask when the answer holds [SEG]",
+        formatter_class=formatter,
+        description="Ask a VoxLM about one volume. Prints the answer and any boxes it holds; with --mask-out, writes "
+        "the predicted mask as NIfTI on the input's own grid and affine (when the answer holds [SEG]).\n\n"
+        "Example:\n  voxlm predict head_ct.nii.gz --question \"Segment the hemorrhage in this CT.\" "
+        "--mask-out mask.nii.gz --model voxlm-quickstart/finetune/final/model --json",
+    )
+    predict_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
+    predict_parser.add_argument("--question", required=True, help="what to ask, e.g. \"Is there a hemorrhage?\"")
+    predict_parser.add_argument("--mask-out", type=Path, help="where to write the mask (.nii.gz)")
+    predict_parser.add_argument("--model",
+                                help=f"a VoxLM folder or Hub id (default: ${MODEL_ENV}, else {DEFAULT_MODEL})")
+    predict_parser.add_argument("--modality", help=MODALITY_HELP)
+    predict_parser.add_argument("--window", help="override the model's CT window preset (brain, subdural, stroke, "
+                                "soft_tissue, lung, bone); the model was trained with its saved one")
+    predict_parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    predict_parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    predict_parser.set_defaults(func=_guarded(_run_predict))
+
+    clip_help = f"a VoxCLIP folder or Hub id (default: ${CLIP_MODEL_ENV}, else {DEFAULT_CLIP_MODEL})"
+    retrieve_parser = subparsers.add_parser(
+        "retrieve", help="rank reports by similarity to a volume (VoxCLIP)", formatter_class=formatter,
+        description="Rank the reports of a gallery by VoxCLIP similarity to one volume.\n\n"
+        "Example:\n  voxlm retrieve head_ct.nii.gz --reports spaces/examples/reports.json --top-k 3",
+    )
+    retrieve_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
+    retrieve_parser.add_argument("--reports", required=True, type=Path,
+                                 help="JSON (list of strings or objects with 'report'), CSV ('report' column) or "
+                                 "text (one report per line)")
+    retrieve_parser.add_argument("--model", help=clip_help)
+    retrieve_parser.add_argument("--top-k", type=int, default=5, help="how many reports to show (default 5)")
+    retrieve_parser.add_argument("--modality", help=MODALITY_HELP)
+    retrieve_parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    retrieve_parser.set_defaults(func=_guarded(_run_retrieve))
+
+    classify_parser = subparsers.add_parser(
+        "classify", help="zero-shot classification of a volume over free-text labels (VoxCLIP)",
+        formatter_class=formatter,
+        description="Zero-shot classification: each label is embedded through a prompt ensemble and compared with the "
+        "volume's embedding.\n\nExample:\n  voxlm classify head_ct.nii.gz --labels \"intracranial hemorrhage,skull "
+        "fracture,no acute abnormality\"",
+    )
+    classify_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
+    classify_parser.add_argument("--labels", required=True, help="comma-separated class descriptions (at least two)")
+    classify_parser.add_argument("--model", help=clip_help)
+    classify_parser.add_argument("--modality", help=MODALITY_HELP)
+    classify_parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    classify_parser.set_defaults(func=_guarded(_run_classify))
