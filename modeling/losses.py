@@ -15,9 +15,68 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits (`torch.Tensor` of shape `(B, L, V)`): LM logits.
         labels (`torch.Tensor` of shape `(B, L)`): token ids, `-100` where no loss is wanted; shifted here.
     """
-    shift_logits = logits[:, :-1].float()  # (B, L - 1, V)
+    shift_logits = logits[:, :-1]  # (B, L - 1, V)
     shift_labels = labels[:, 1:].to(logits.device)  # (B, L - 1)
-    return F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX)
+    return token_cross_entropy(shift_logits, shift_labels)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the positions whose label is not `IGNORE_INDEX`; 0 (still attached to the graph)
+    when there is none, as in a batch of image-only rows or an MLM draw that masked nothing.
+
+    The MLM loss (MG-3D) and the report-generation loss (COLIPRI) are this function on their own targets.
+
+    Args:
+        logits (`torch.Tensor` of shape `(..., V)`): token logits.
+        labels (`torch.Tensor` of shape `(...)`): target ids, `-100` where no loss is wanted.
+    """
+    losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def report_generation_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, has_report: torch.Tensor
+) -> torch.Tensor:
+    """Next-token targets of a report read left to right: position t predicts token t + 1.
+
+    Args:
+        input_ids (`torch.Tensor` of shape `(B, L)`): tokenized reports (right padded, BERT's `[CLS] ... [SEP]`).
+        attention_mask (`torch.Tensor` of shape `(B, L)`): 1 on real tokens.
+        has_report (`torch.Tensor` of shape `(B,)`): `False` for image-only rows, which get no target.
+
+    Returns:
+        `torch.Tensor` of shape `(B, L)`: `input_ids[:, t + 1]` where that token is real and the row has a report,
+        else `-100` (always in the last column).
+    """
+    valid = attention_mask.bool() & has_report.bool()[:, None]  # (B, L)
+    targets = input_ids.masked_fill(~valid, IGNORE_INDEX)  # (B, L)
+    return F.pad(targets[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L - 1) -> (B, L)
+
+
+def normalized_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's reconstruction targets: each patch standardised by its own mean and variance (`norm_pix_loss`).
+
+    Args:
+        patches (`torch.Tensor` of shape `(B, N, P)`): flattened patches (from `patchify`).
+        eps (`float`, defaults to 1e-6): added to the variance (MAE's value), so a constant patch becomes zeros.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)  # (B, N, 1)
+    var = patches.var(dim=-1, keepdim=True, unbiased=True)  # MAE's torch.var default (unbiased)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def masked_reconstruction_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE per patch (mean over its voxels), averaged over the patches where `mask` is 1 (MAE); 0 when none is.
+
+    Args:
+        predictions (`torch.Tensor` of shape `(B, N, P)`): the decoder's patches.
+        targets (`torch.Tensor` of shape `(B, N, P)`): the targets (`normalized_patches`).
+        mask (`torch.Tensor` of shape `(B, N)`): 1 on the patches that count (masked patches of the selected rows).
+    """
+    per_patch = (predictions.float() - targets.float()).pow(2).mean(dim=-1)  # (B, N)
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _binary_targets(targets: torch.Tensor) -> torch.Tensor:

@@ -54,3 +54,18 @@ def demo_model_dirs(tmp_path_factory, minilm_dir):
     save_demo_voxlm(root / "voxlm")
     save_demo_voxclip(root / "clip", minilm_dir)
     return root / "voxlm", root / "clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder_dir(tmp_path_factory, minilm_dir):
+    """A randomly initialised 1-layer BERT of width 32 with MiniLM's tokenizer, saved as a text-encoder folder: the
+    training tests that run many steps use it instead of MiniLM (22M parameters) to stay fast."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

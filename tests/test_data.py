@@ -137,7 +137,7 @@ def test_dataloader_workers_and_collators(phantom_dir, smollm2_tokenizer, minilm
     total = sum(len(batch["pixel_values"]) for batch in batches)
     train_patients = {row["patient_id"] for row in load_dataset(str(phantom_dir), "cap", split="train", streaming=True)}
     assert total == len(train_patients)
-    assert batches[0]["pixel_values"].shape[1:] == (1, 8, 32, 32) and batches[0]["has_text"].all()
+    assert batches[0]["pixel_values"].shape[1:] == (1, 8, 32, 32) and batches[0]["has_report"].all()
 
     add_voxlm_tokens(smollm2_tokenizer)
     text_processor = VoxLMProcessor(processor, smollm2_tokenizer, num_image_tokens=4)

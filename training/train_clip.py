@@ -1,4 +1,6 @@
-"""Stage `pretrain-clip`: VoxCLIP on streamed volume-report pairs (M3D-CLIP, with MG-3D's inter-patient term).
+"""Stage `pretrain-clip`: VoxCLIP on streamed volume-report pairs (M3D-CLIP), with MG-3D's terms (inter-patient,
+text-guided masked-volume reconstruction, image-guided MLM) and COLIPRI's (report generation, masked-image modelling on
+image-only volumes mixed in from a second dataset) as options; every extra term is off by default.
 
     voxlm train pretrain-clip --config training/configs/clip_phantoms.yaml run.max_steps=200
     accelerate launch --num_processes 8 -m voxlm.training.train_clip --config my_clip.yaml
@@ -14,13 +16,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from datasets import interleave_datasets
 from transformers import AutoTokenizer
 
 from voxlm.modeling import VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training, save_final
-
 
 
 @dataclass
@@ -33,8 +35,11 @@ class ClipModelSettings:
         image_size (`list[int]`): the volume size `(D, H, W)`.
         text (`str`, *optional*): a BERT-like folder / Hub id; `None` uses the packaged MiniLM (offline).
         text_dropout (`float`, *optional*): overrides the text encoder's dropout.
-        projection_dim (`int`), text_pooling (`str`), contrastive_loss (`str`), inter_patient_loss_weight (`float`):
-            see `VoxCLIPConfig`.
+        projection_dim (`int`), text_pooling (`str`), contrastive_loss (`str`), inter_patient_loss_weight (`float`),
+            mvr_loss_weight (`float`), mim_loss_weight (`float`), mlm_loss_weight (`float`), report_gen_loss_weight
+            (`float`): see `VoxCLIPConfig` (0 turns a term off).
+        clip_config (`dict`): further `VoxCLIPConfig` fields (`mask_ratio`, `volume_decoder_hidden_size`,
+            `mlm_fusion_layers`, `report_decoder_layers`, ...).
         ct_window (`str`): the processor's Hounsfield window.
     """
 
@@ -47,17 +52,38 @@ class ClipModelSettings:
     text_pooling: str = "mean"
     contrastive_loss: str = "infonce"
     inter_patient_loss_weight: float = 0.0
+    mvr_loss_weight: float = 0.0
+    mim_loss_weight: float = 0.0
+    mlm_loss_weight: float = 0.0
+    report_gen_loss_weight: float = 0.0
+    clip_config: dict = field(default_factory=dict)
     ct_window: str = "brain"
 
 
 @dataclass
 class ClipDataSettings:
-    """Where the pairs come from: a dataset folder or Hub id in voxlm's format (its `cap` config)."""
+    """Where the pairs come from: a dataset folder or Hub id in voxlm's format (its `cap` config).
+
+    Args:
+        path (`str`), split (`str`): the paired data; rows whose report is empty count as image-only.
+        shuffle_buffer (`int`), max_text_length (`int`): shuffling and report truncation.
+        max_samples (`int`, *optional*): train on the first `max_samples` paired rows only (data-scaling studies).
+        mlm_probability (`float`): share of report tokens masked when `model.mlm_loss_weight > 0` (BERT's 15%).
+        image_only_path (`str`): a dataset whose volumes are mixed in without their reports (COLIPRI's vision-only
+            data, for `model.mim_loss_weight`); empty: none.
+        image_only_config (`str`): its config (`cap`, `seg`, ...).
+        image_only_probability (`float`): the share of rows drawn from it.
+    """
 
     path: str = ""
     split: str = "train"
     shuffle_buffer: int = 256
     max_text_length: int = 128
+    max_samples: int | None = None
+    mlm_probability: float = 0.15
+    image_only_path: str = ""
+    image_only_config: str = "cap"
+    image_only_probability: float = 0.5
 
 
 @dataclass
@@ -79,18 +105,38 @@ def build_clip(settings: ClipModelSettings):
         settings.vision, text, vision_config=vision_config, text_kwargs=text_kwargs,
         projection_dim=settings.projection_dim, text_pooling=settings.text_pooling,
         contrastive_loss=settings.contrastive_loss, inter_patient_loss_weight=settings.inter_patient_loss_weight,
+        mvr_loss_weight=settings.mvr_loss_weight, mim_loss_weight=settings.mim_loss_weight,
+        mlm_loss_weight=settings.mlm_loss_weight, report_gen_loss_weight=settings.report_gen_loss_weight,
+        **settings.clip_config,
     )
     processor = VoxVolumeProcessor(image_size=tuple(model.config.vision_config.image_size), ct_window=settings.ct_window)
     return model, processor, AutoTokenizer.from_pretrained(text)
 
 
 def clip_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    batch = {key: value for key, value in batch.items() if key != "has_text"}
+    """One forward with the loss; logs every active loss component of the output (`contrastive_loss`, `mvr_loss`, ...)
+    and the share of paired rows."""
     output = model(**batch, return_loss=True)
-    logs = {"contrastive_loss": output.contrastive_loss.detach()}
-    if output.inter_patient_loss is not None:
-        logs["inter_patient_loss"] = output.inter_patient_loss.detach()
+    logs = {name: value.detach() for name, value in output.items() if name.endswith("_loss")}
+    logs["paired_fraction"] = batch["has_report"].float().mean()
     return output.loss, logs
+
+
+def clip_rows(data: ClipDataSettings, rank: int, world_size: int, seed: int):
+    """This process's rows: the paired data, interleaved with image-only rows (reports dropped) when
+    `data.image_only_path` is set."""
+    rows = stream_rows(data.path, "cap", data.split, rank, world_size, data.shuffle_buffer, seed=seed,
+                       limit=data.max_samples)
+    if not data.image_only_path:
+        return rows
+    if not 0.0 < data.image_only_probability < 1.0:
+        raise ValueError(f"data.image_only_probability must be in (0, 1), got {data.image_only_probability}")
+    images = stream_rows(data.image_only_path, data.image_only_config, data.split, rank, world_size,
+                         data.shuffle_buffer, seed=seed)
+    images = images.map(lambda row: {"report": None}, features=images.features)
+    probabilities = [1.0 - data.image_only_probability, data.image_only_probability]
+    return interleave_datasets([rows, images], probabilities=probabilities, seed=seed,
+                               stopping_strategy="first_exhausted")
 
 
 def train(settings: ClipSettings) -> Path:
@@ -100,11 +146,15 @@ def train(settings: ClipSettings) -> Path:
     set_seed(settings.run.seed)
     model, processor, tokenizer = build_clip(settings.model)
     accelerator = build_accelerator(settings.run)
-    collator = ContrastiveCollator(tokenizer, settings.data.max_text_length)
+    data = settings.data
+    mlm_probability = data.mlm_probability if settings.model.mlm_loss_weight > 0 else 0.0
 
     def batches_for_epoch(epoch: int):
-        rows = stream_rows(settings.data.path, "cap", settings.data.split, accelerator.process_index,
-                           accelerator.num_processes, settings.data.shuffle_buffer, seed=settings.run.seed + epoch)
+        seed = settings.run.seed + epoch
+        rows = clip_rows(data, accelerator.process_index, accelerator.num_processes, seed)
+        # A collator per epoch and process: its MLM masks depend only on the batches collated in this epoch.
+        collator = ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability,
+                                       seed=seed * accelerator.num_processes + accelerator.process_index)
         return torch.utils.data.DataLoader(PreprocessedStream(rows, processor), batch_size=settings.run.batch_size,
                                            num_workers=settings.run.num_workers, collate_fn=collator)
 

@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import torch
+from transformers import DataCollatorForLanguageModeling
 
 from voxlm.processing import VoxLMProcessor
 
 
 class ContrastiveCollator:
-    """Volume-report pairs for VoxCLIP: `pixel_values (B, 1, D, H, W)`, tokenized reports, and `has_text (B,)`
-    (False for image-only rows, which only the vision-only objectives use).
+    """Volume-report pairs and image-only volumes for VoxCLIP: `pixel_values (B, 1, D, H, W)`, tokenized reports
+    (`input_ids`, `attention_mask (B, L)`; an empty report for image-only rows) and `has_report (B,)`, `False` for
+    rows whose report is empty or `None` (only the masked-image objective uses them). With `mlm_probability > 0` it
+    adds `mlm_input_ids` and `mlm_labels (B, L)`: BERT's masking of the reports (transformers'
+    `DataCollatorForLanguageModeling`: that share of the non-special tokens chosen, 80% of them replaced by `[MASK]`,
+    10% by a random token, 10% kept; labels `-100` elsewhere).
 
     Args:
         tokenizer: the text encoder's tokenizer.
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
+        mlm_probability (`float`, defaults to 0.0): share of report tokens masked for MLM; 0 adds no MLM inputs.
+        seed (`int`, defaults to 0): seeds the MLM masking (its own generator, so a resumed run that re-collates the
+            batches it skips draws the same masks as an uninterrupted one).
     """
 
-    def __init__(self, tokenizer, max_length: int = 128):
+    def __init__(self, tokenizer, max_length: int = 128, mlm_probability: float = 0.0, seed: int = 0):
+        if not 0.0 <= mlm_probability < 1.0:
+            raise ValueError(f"`mlm_probability` must be in [0, 1), got {mlm_probability}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.masker = None
+        if mlm_probability > 0:
+            self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
 
     def __call__(self, samples: list[dict]) -> dict:
         reports = [sample.get("report") or "" for sample in samples]
-        text = self.tokenizer(reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {
+        text = self.tokenizer(reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                              return_special_tokens_mask=self.masker is not None)
+        batch = {
             "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            "has_text": torch.tensor([bool(sample.get("report")) for sample in samples]),
+            "has_report": torch.tensor([bool(report) for report in reports]),
         }
+        if self.masker is not None:
+            masked = self.masker([{"input_ids": ids, "special_tokens_mask": special}
+                                  for ids, special in zip(text["input_ids"], text["special_tokens_mask"])])
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked["input_ids"], masked["labels"]
+        return batch
 
 
 class InstructionCollator:

@@ -24,7 +24,7 @@ TEXT_FIELDS = ("id", "patient_id", "question", "answer", "question_type", "repor
 
 
 def stream_rows(path: str, config: str, split: str, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                seed: int = 0):
+                seed: int = 0, limit: int | None = None):
     """A streaming `datasets.IterableDataset` of one config and split, this process's share of its shards.
 
     Args:
@@ -34,8 +34,12 @@ def stream_rows(path: str, config: str, split: str, rank: int = 0, world_size: i
         rank (`int`), world_size (`int`): this process among the training processes.
         shuffle_buffer (`int`, defaults to 0): rows in the shuffle buffer; 0 keeps the stored order.
         seed (`int`): the shuffle seed (the epoch can be added to it).
+        limit (`int`, *optional*): keep only the first `limit` rows of the split (the same rows every epoch, before the
+            split across processes), e.g. for a data-scaling study.
     """
     rows = load_dataset(str(path), config, split=split, streaming=True)
+    if limit is not None:
+        rows = rows.take(limit)
     if world_size > 1:
         rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
     if shuffle_buffer > 0:
