@@ -8,7 +8,7 @@ import sys
 
 from voxlm import inference
 from voxlm.evaluation import cli as evaluation_cli
-from voxlm.training import finetune, pretrain_projector, quickstart, train_clip
+from voxlm.training import finetune, pretrain_projector, quickstart, scaling, train_clip
 from voxlm.training.data import phantom_dataset
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(subparsers)
     train = subparsers.add_parser("train", help="run a training stage (pretrain-clip, ...)")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for stage in (train_clip, pretrain_projector, finetune):
+    for stage in (train_clip, pretrain_projector, finetune, scaling):
         stage.add_parser(stages)
     finetune.add_merge_parser(subparsers)
     inference.add_parsers(subparsers)
