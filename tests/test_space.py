@@ -1,0 +1,209 @@
+"""The Space (`spaces/app.py`): its handlers without a browser, then the real app on 127.0.0.1 driven by headless
+Chromium (Debian's `chromium`, through Playwright's `executable_path`): upload a phantom, ask, see the answer and the
+mask overlay, retrieve reports; a corrupt file and an upload above the size limit each give a message in the page.
+The browser test saves screenshots under `test-artifacts/` (or `$VOXLM_TEST_ARTIFACTS`)."""
+
+import ast
+import importlib.util
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from tiny_models import DEMO_SEG_QUESTION
+
+from voxlm.training.data import generate_case
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "spaces" / "app.py"
+CHROMIUM = Path(os.environ.get("VOXLM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("VOXLM_TEST_ARTIFACTS", REPO / "test-artifacts"))
+UPLOAD_LIMIT_MB = 0.05  # stands in for a multi-GB upload: the small phantom passes, a 650 KB array does not
+
+
+def gradio_env(voxlm_dir, clip_dir, **extra) -> dict:
+    return {"VOXLM_MODEL": str(voxlm_dir), "VOXLM_CLIP_MODEL": str(clip_dir), "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1", "VOXLM_MAX_NEW_TOKENS": "8", **extra}
+
+
+@pytest.fixture()
+def app(monkeypatch, demo_model_dirs):
+    """The app module, imported fresh with the tiny demo models (its model caches start empty)."""
+    for key, value in gradio_env(*demo_model_dirs).items():
+        monkeypatch.setenv(key, value)
+    spec = importlib.util.spec_from_file_location("voxlm_space_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_phantom(path: Path, seed: int = 900009, shape=(16, 48, 48)) -> Path:
+    """A phantom head CT as NIfTI: (D, H, W) = (S, A, R) stored on (R, A, S) voxel axes."""
+    case = generate_case(seed, shape=shape)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(case.volume.transpose(2, 1, 0)), np.diag([4.8, 4.8, 10.0, 1.0])),
+             path)
+    return path
+
+
+def red_pixels(image: np.ndarray) -> int:
+    """Pixels tinted by the mask overlay (grey slices have R == G == B)."""
+    image = np.asarray(image, dtype=int)
+    return int(((image[..., 0] - image[..., 1]) > 40).sum())
+
+
+def test_app_is_thin_with_per_visitor_state_and_a_queue():
+    source = APP.read_text()
+    tree = ast.parse(source)
+    assert not any(isinstance(node, ast.Global) for node in ast.walk(tree)), "per-visitor data belongs in gr.State"
+    assert "gr.State(" in source and "share=True" not in source
+    last = ast.unparse(tree.body[-1])
+    assert last.startswith("if __name__ == '__main__':") and "demo.queue(" in last and ".launch(" in last
+    assert len(source.splitlines()) <= 200
+
+
+def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
+    name = next(iter(app.BUNDLED))
+    view, axial, coronal, sagittal, status = app.load(str(app.BUNDLED[name]), "brain")
+    assert status.startswith(f"Loaded {name}: 32 x 96 x 96 voxels")
+    assert (axial.value, coronal.value, sagittal.value) == (16, 48, 48)
+    before = app.render(view, 16, 48, 48)
+    assert len(before) == 3 and all(red_pixels(image) == 0 for image in before)
+    view, answer, boxes, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
+    assert "[SEG]" in answer and boxes == ""
+    source, mask = nib.load(app.BUNDLED[name]), nib.load(mask_file)
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    assert any(red_pixels(image) > 0 for image in app.render(view, 16, 48, 48))
+    reports = app.closest_reports(view)
+    assert reports.startswith("1. (") and len(reports.splitlines()) == 3 and "phantom-9000" in reports
+
+
+def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.001)
+    view, *_, status = app.load(str(write_phantom(tmp_path / "phantom.nii.gz")), "brain")
+    assert view is None and "above this demo's limit of 0.001 MB" in status
+    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 1024)
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
+    view, *_, status = app.load(str(tmp_path / "corrupt.nii.gz"), "brain")
+    assert view is None and status.startswith("**Cannot use this file:** corrupt.nii.gz: not a readable NIfTI")
+    assert "Load a volume first" in app.ask(None, "Is there a hemorrhage?", "brain", progress=lambda *a, **k: None)[1]
+
+
+def test_without_a_model_the_page_says_how_to_get_one(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("VOXLM_MODEL", str(tmp_path / "no-model-here"))
+    monkeypatch.setenv("VOXLM_CLIP_MODEL", str(tmp_path / "no-clip-here"))
+    view, *_, status = app.load(str(next(iter(app.BUNDLED.values()))), "bone")
+    assert status.startswith("Loaded")  # volumes are still shown, with the default processor's windows
+    _, answer, _, mask_file = app.ask(view, "Is there a hemorrhage?", "brain", progress=lambda *a, **k: None)
+    assert "voxlm quickstart" in answer and "VOXLM_MODEL" in answer and mask_file is None
+    assert "voxlm quickstart" in app.closest_reports(view)
+
+
+def test_space_metadata_names_the_app_and_the_sdk():
+    import yaml
+
+    header = (REPO / "spaces" / "README.md").read_text().split("---")[1]
+    metadata = yaml.safe_load(header)
+    assert metadata["sdk"] == "gradio" and metadata["app_file"] == "app.py"
+    requirements = (REPO / "spaces" / "requirements.txt").read_text()
+    assert "gradio>=5" in requirements and "voxlm" in requirements
+    assert all(path.stat().st_size < 100_000 for path in (REPO / "spaces" / "examples").iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def server(demo_model_dirs, tmp_path):
+    """`python spaces/app.py` on 127.0.0.1 with the demo models and a low upload limit; yields its URL."""
+    port = free_port()
+    env = dict(os.environ, **gradio_env(*demo_model_dirs, VOXLM_MAX_UPLOAD_MB=str(UPLOAD_LIMIT_MB),
+                                        GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port)))
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen([sys.executable, str(APP)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the app did not answer in 300 s:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
+            time.sleep(1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Debian's chromium is not installed at {CHROMIUM}; "
+                    "`apt-get install chromium` (.ci/install does) to run the browser test")
+def test_browser_upload_ask_overlay_retrieval_and_error_messages(server, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    phantom = write_phantom(tmp_path / "phantom.nii.gz")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
+    big = tmp_path / "big.npy"
+    np.save(big, np.random.default_rng(0).normal(size=(40, 64, 64)).astype(np.float32))
+    assert phantom.stat().st_size < UPLOAD_LIMIT_MB * 2**20 < big.stat().st_size
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(120_000)
+        expect.set_options(timeout=120_000)  # a loaded CI machine may take a while to generate
+        page.goto(server)
+        axial = page.locator("#view-axial img")
+
+        def axial_pixels() -> np.ndarray:
+            png = page.request.get(axial.get_attribute("src")).body()  # the slice as the browser shows it
+            return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+        page.locator("#upload input[type=file]").set_input_files(str(phantom))
+        expect(page.locator("#status")).to_contain_text("Loaded phantom.nii.gz: 16 x 48 x 48 voxels")
+        expect(axial).to_have_count(1)
+        grey_src = axial.get_attribute("src")
+        assert red_pixels(axial_pixels()) == 0
+
+        page.locator("#question textarea").fill(DEMO_SEG_QUESTION)
+        page.locator("#ask").click()
+        expect(page.locator("#answer textarea")).to_have_value(re.compile(r"^It is \[SEG\]"))
+        expect(axial).not_to_have_attribute("src", grey_src)
+        assert red_pixels(axial_pixels()) > 0, "the mask overlay is not on the axial slice"
+        expect(page.locator("#mask-file a[href$='/phantom_mask.nii.gz']")).to_have_count(1)
+        page.get_by_role("button", name="Closest reports in the gallery").click()
+        expect(page.locator("#reports")).to_contain_text("phantom-9000")
+        page.screenshot(path=str(ARTIFACTS / "space_answer_overlay.png"), full_page=True)
+
+        page.locator("#upload button[aria-label=Clear]").click()
+        page.locator("#upload input[type=file]").set_input_files(str(corrupt))
+        expect(page.locator("#status")).to_contain_text("Cannot use this file: corrupt.nii.gz: not a readable NIfTI")
+        expect(page.locator("#answer textarea")).to_have_value("")  # the previous volume's answer is gone
+        assert "/corrupt.nii.gz" not in page.locator("#status").inner_text()  # no server paths in the page
+        page.screenshot(path=str(ARTIFACTS / "space_corrupt_file.png"), full_page=True)
+        page.locator("#upload button[aria-label=Clear]").click()
+        page.locator("#upload input[type=file]").set_input_files(str(big))
+        expect(page.get_by_text("exceed the maximum allowed size")).to_be_visible()
+        page.wait_for_timeout(500)  # the error toast slides in
+        page.screenshot(path=str(ARTIFACTS / "space_upload_too_large.png"))
+        assert "Traceback" not in page.locator("body").inner_text()
+        browser.close()
