@@ -10,6 +10,7 @@ VOXVIT_AUTO_MAP = {"AutoConfig": "configuration_voxvit.VoxViTConfig", "AutoModel
 
 ATTENTION_LEVELS = ("slice", "scan", "study")
 POSITION_EMBEDDING_TYPES = ("learned", "sincos")
+POOLING_TYPES = ("cls", "mean", "max")
 
 
 def scan_study_schedule(num_layers: int) -> list[str]:
@@ -93,6 +94,10 @@ class VoxViTConfig(PretrainedConfig):
         max_scans (`int`, *optional*, defaults to 1):
             Most scans a study may hold. Above 1, the model learns a scan-order embedding for scans `1 .. max_scans - 1`
             that is added to their patch tokens; scan 0 gets none, so a one-scan study equals the single-scan encoder.
+        pooling (`str`, *optional*, defaults to `"cls"`):
+            What `pooler_output` (the volume embedding that VoxCLIP projects) is made of: `"cls"` (the CLS token, as
+            M3D-CLIP), `"mean"` or `"max"` over the patch tokens. Max pooling lets a small local finding (a bleed in
+            one or two of 2,048 patches) reach the embedding from the first step, where CLS and mean pooling dilute it.
     """
 
     model_type = "voxvit"
@@ -114,6 +119,7 @@ class VoxViTConfig(PretrainedConfig):
         attention_levels: str | list[str] | None = None,
         position_embedding_type: str = "learned",
         max_scans: int = 1,
+        pooling: str = "cls",
         **kwargs,
     ):
         self.image_size = list(as_triple(image_size, "image_size"))
@@ -131,6 +137,7 @@ class VoxViTConfig(PretrainedConfig):
         self.attention_levels = list(attention_levels) if isinstance(attention_levels, (list, tuple)) else attention_levels
         self.position_embedding_type = position_embedding_type
         self.max_scans = max_scans
+        self.pooling = pooling
         kwargs.setdefault("auto_map", dict(VOXVIT_AUTO_MAP))
         super().__init__(**kwargs)
         self.validate_architecture()
@@ -154,6 +161,8 @@ class VoxViTConfig(PretrainedConfig):
         for field in ("hidden_dropout_prob", "attention_dropout"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"`{field}` must lie in [0, 1], got {getattr(self, field)}")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"`pooling` must be one of {POOLING_TYPES}, got {self.pooling!r}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "

@@ -221,7 +221,8 @@ class VoxViTModelOutput(BaseModelOutputWithPooling):
         last_hidden_state (`torch.Tensor` of shape `(B, 1 + N, E)` or `(B, S, 1 + N, E)`):
             Tokens after the final LayerNorm; index 0 of each scan is its CLS token.
         pooler_output (`torch.Tensor` of shape `(B, E)`):
-            The CLS token for a volume; for a study, the mean of the CLS tokens of its valid scans.
+            The volume embedding (`config.pooling`: CLS token by default, or mean / max over patch tokens); for a
+            study, the mean of its valid scans' embeddings.
         hidden_states (`tuple[torch.Tensor]`, *optional*):
             The embeddings and each block's output, shaped like `last_hidden_state` (before the final LayerNorm).
         attentions (`tuple[torch.Tensor]`, *optional*):
@@ -238,8 +239,8 @@ class VoxViTModel(VoxViTPreTrainedModel):
     r"""
     The VoxViT encoder. Input volumes `(B, C, D, H, W)` in [0, 1] (as `VoxVolumeProcessor` produces them); output
     `last_hidden_state` `(B, 1 + N, E)` after the final LayerNorm (index 0 is CLS) and `pooler_output` `(B, E)`, the
-    CLS token. Studies `(B, S, C, D, H, W)` with an optional `scan_mask (B, S)` run HLIP hierarchical attention as
-    `config.attention_levels` assigns it (module docstring) and give per-scan tokens `(B, S, 1 + N, E)` and a study
+    CLS token or the pooled patch tokens (`config.pooling`). Studies `(B, S, C, D, H, W)` with an optional
+    `scan_mask (B, S)` run HLIP hierarchical attention as `config.attention_levels` assigns it (module docstring) and give per-scan tokens `(B, S, 1 + N, E)` and a study
     embedding `(B, E)`.
     """
 
@@ -391,13 +392,20 @@ class VoxViTModel(VoxViTPreTrainedModel):
             hidden_states = self.ungroup_tokens(groups, level, num_scans)
         return hidden_states, all_hidden_states, all_attentions
 
+    def pool_scans(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """One embedding per scan as `config.pooling` says: `(B, S, 1 + N, E)` -> `(B, S, E)`."""
+        if self.config.pooling == "cls":
+            return last_hidden_state[:, :, 0]
+        patch_tokens = last_hidden_state[:, :, 1:]  # (B, S, N, E)
+        return patch_tokens.mean(dim=2) if self.config.pooling == "mean" else patch_tokens.amax(dim=2)
+
     @staticmethod
-    def pool_study(cls_tokens: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:
-        """Study embedding: the mean CLS token over real scans, `(B, S, E)` -> `(B, E)`."""
+    def pool_study(scan_embeddings: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:
+        """Study embedding: the mean scan embedding over real scans, `(B, S, E)` -> `(B, E)`."""
         if scan_mask is None:
-            return cls_tokens.mean(dim=1)
-        weights = scan_mask.to(cls_tokens.dtype).unsqueeze(-1)  # (B, S, 1)
-        return (cls_tokens * weights).sum(dim=1) / weights.sum(dim=1)
+            return scan_embeddings.mean(dim=1)
+        weights = scan_mask.to(scan_embeddings.dtype).unsqueeze(-1)  # (B, S, 1)
+        return (scan_embeddings * weights).sum(dim=1) / weights.sum(dim=1)
 
     def forward(
         self,
@@ -436,7 +444,7 @@ class VoxViTModel(VoxViTPreTrainedModel):
         if not is_study:
             return VoxViTModelOutput(
                 last_hidden_state=last_hidden_state[:, 0],
-                pooler_output=last_hidden_state[:, 0, 0],
+                pooler_output=self.pool_scans(last_hidden_state)[:, 0],
                 hidden_states=tuple(state[:, 0] for state in all_hidden_states) if output_hidden_states else None,
                 attentions=all_attentions,
             )
@@ -444,7 +452,7 @@ class VoxViTModel(VoxViTPreTrainedModel):
             scan_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
         return VoxViTModelOutput(
             last_hidden_state=last_hidden_state,
-            pooler_output=self.pool_study(last_hidden_state[:, :, 0], scan_mask),
+            pooler_output=self.pool_study(self.pool_scans(last_hidden_state), scan_mask),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             scan_mask=scan_mask,

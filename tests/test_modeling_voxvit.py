@@ -24,6 +24,7 @@ def test_config_round_trip(tmp_path):
         (dict(patch_size=(2, 4)), "patch_size"),
         (dict(num_attention_heads=5), "hidden_size"),
         (dict(attention_dropout=1.5), "attention_dropout"),
+        (dict(pooling="attention"), "pooling"),
     ],
 )
 def test_config_that_cannot_work_names_the_field(overrides, field):
@@ -39,6 +40,23 @@ def test_forward_shapes_hidden_states_and_attentions():
     assert len(output.hidden_states) == 3 and len(output.attentions) == 2
     assert output.attentions[0].shape == (2, 4, 65, 65)
     torch.testing.assert_close(output.attentions[0].sum(-1), torch.ones(2, 4, 65))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_pooled_output_reduces_the_patch_tokens(pooling):
+    model = VoxViTModel(tiny_vision_config(pooling=pooling)).eval()
+    output = model(torch.rand(2, 1, 8, 16, 16))
+    patch_tokens = output.last_hidden_state[:, 1:]  # (B, N, E): the CLS token takes no part
+    expected = patch_tokens.mean(dim=1) if pooling == "mean" else patch_tokens.amax(dim=1)
+    torch.testing.assert_close(output.pooler_output, expected, rtol=0, atol=0)
+
+
+def test_max_pooling_of_a_study_averages_the_real_scans_maxima():
+    model = VoxViTModel(tiny_vision_config(pooling="max", max_scans=3)).eval()
+    study, scan_mask = torch.rand(1, 3, 1, 8, 16, 16), torch.tensor([[True, True, False]])
+    output = model(study, scan_mask=scan_mask)
+    scan_maxima = output.last_hidden_state[:, :2, 1:].amax(dim=2)  # (B, 2, E): the padded third scan is left out
+    torch.testing.assert_close(output.pooler_output, scan_maxima.mean(dim=1))
 
 
 def test_sdpa_equals_eager_attention():
