@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from datasets import interleave_datasets
 from transformers import AutoTokenizer
 
+from voxlm.model_cards import voxclip_card_for_run
 from voxlm.modeling import VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
@@ -163,6 +164,7 @@ def train(settings: ClipSettings) -> Path:
     final = save_final(model, accelerator, Path(settings.run.output_dir) / "final", processor)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final)
+        voxclip_card_for_run(settings, accelerator.unwrap_model(model), processor, final).save(final / "README.md")
     return final
 
 
