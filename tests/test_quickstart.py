@@ -33,6 +33,13 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     model_dir = tmp_path / "finetune" / "final" / "model"
     card = (model_dir / "README.md").read_text()
     assert "model-index" in card and "clinical decision-making" in card
+    # Every stage leaves its card: VoxCLIP, the aligned VoxLM, the LoRA adapter.
+    cards = {folder: (tmp_path / folder / "README.md").read_text()
+             for folder in ("clip/final", "align/final", "finetune/final/adapter")}
+    assert "# voxclip-clip" in cards["clip/final"] and "| stage | pretrain-clip: 2 steps" in cards["clip/final"]
+    assert "# voxlm-align-align" in cards["align/final"] and "align: 2 steps" in cards["align/final"]
+    assert "library_name: peft" in cards["finetune/final/adapter"] and "r=16" in cards["finetune/final/adapter"]
+    assert all("clinical decision-making" in text and "## How to load" in text for text in cards.values())
     result = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(model_dir)], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from voxlm.model_cards import adapter_card_for_run, voxlm_card_for_run
 from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
 from voxlm.training.trainable import apply_lora
 
@@ -28,9 +29,11 @@ def train(settings: MLLMSettings) -> Path:
     peft_model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         peft_model.save_pretrained(final / "adapter", state_dict=state_dict)
+        adapter_card_for_run(settings, peft_model, processor, final / "adapter").save(final / "adapter" / "README.md")
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(final / "model")
         processor.save_pretrained(final / "model")
+        voxlm_card_for_run(settings, merged, processor, final / "model", "finetune").save(final / "model" / "README.md")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

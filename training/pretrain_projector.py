@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from voxlm.model_cards import voxlm_card_for_run
 from voxlm.training.loop import save_final
 from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
 from voxlm.training.trainable import freeze_for_align
@@ -24,7 +25,11 @@ def prepare_for_align(model):
 def train(settings: MLLMSettings) -> Path:
     """Run the stage; return the folder of the aligned model (weights, code, processor)."""
     model, processor, accelerator = train_stage(settings, prepare_for_align, stage="align")
-    return save_final(model, accelerator, Path(settings.run.output_dir) / "final", processor)
+    final = save_final(model, accelerator, Path(settings.run.output_dir) / "final", processor)
+    if accelerator.is_main_process:
+        card = voxlm_card_for_run(settings, accelerator.unwrap_model(model), processor, final, "align")
+        card.save(final / "README.md")
+    return final
 
 
 def add_parser(subparsers) -> None:

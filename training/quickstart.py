@@ -145,6 +145,8 @@ def run_quickstart(settings: QuickstartSettings) -> list[dict]:
     (out / "results.md").write_text(table + "\n")
     logger.info("Held-out results:\n%s", table)
     logger.info("Model: %s (load it with `import voxlm; AutoModel.from_pretrained(%r)`)", model_dir, str(model_dir))
+    logger.info("Open the demo on it (from a voxlm checkout): VOXLM_MODEL=%s VOXLM_CLIP_MODEL=%s python spaces/app.py",
+                model_dir, clip_dir)
     return results
 
 
