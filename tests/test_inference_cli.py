@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import nibabel as nib
+import nilearn
 import numpy as np
 import pydicom
 import pytest
@@ -16,6 +17,8 @@ from voxlm import cli, inference, viewer
 from voxlm.processing import VolumeMetadata, VoxVolumeProcessor, read_volume
 
 CT5N = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+# The MNI152 T1 file that nilearn ships (1 mm, 197 x 233 x 189).
+MNI152_T1 = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +40,13 @@ def run_cli(argv, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_predict_on_mni152_writes_the_mask_on_its_grid_and_affine(mni_path, demo_model_dirs, tmp_path, capsys):
+def test_predict_on_nilearns_mni152_t1_writes_the_mask_on_its_grid_and_affine(demo_model_dirs, tmp_path, capsys):
     out = tmp_path / "mask.nii.gz"
-    printed = run_cli(["predict", str(mni_path), "--question", DEMO_SEG_QUESTION, "--mask-out", str(out),
+    printed = run_cli(["predict", str(MNI152_T1), "--question", DEMO_SEG_QUESTION, "--mask-out", str(out),
                        "--model", str(demo_model_dirs[0]), "--modality", "MR", "--json"], capsys)
     result = json.loads(printed)
     assert "[SEG]" in result["answer"] and result["has_seg"] and result["mask_path"] == str(out)
-    source, mask = nib.load(mni_path), nib.load(out)
+    source, mask = nib.load(MNI152_T1), nib.load(out)
     assert mask.shape == source.shape
     np.testing.assert_allclose(mask.affine, source.affine)
     assert 0 < result["mask_voxels"] == int(np.asarray(mask.dataobj).sum()) < np.prod(source.shape)
