@@ -72,23 +72,20 @@ class VoxCLIPOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
 
 
-def random_patch_masking(
-    batch_size: int, num_patches: int, num_visible: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE's per-sample random masking: the `num_visible` patches with the smallest uniform noise stay visible.
+def random_patch_masking(noise: torch.Tensor, num_visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's per-sample random masking: the `num_visible` patches with the smallest noise stay visible.
 
     Args:
-        batch_size (`int`), num_patches (`int`): `B` and `N`.
+        noise (`torch.Tensor` of shape `(B, N)`): uniform noise, one value per patch (drawn by the collator, so that
+            a resumed run draws the same masks, or by the model when the batch has none).
         num_visible (`int`): patches kept per sample (`config.num_visible_patches`).
-        device (`torch.device`): where the indices go.
 
     Returns:
         `keep_ids` (`torch.LongTensor` of shape `(B, N_vis)`): the visible patches' indices in the patch grid, and
         `mask` (`torch.Tensor` of shape `(B, N)`): 1 on masked patches, 0 on visible ones.
     """
-    noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     keep_ids = noise.argsort(dim=1)[:, :num_visible]  # (B, N_vis)
-    mask = torch.ones(batch_size, num_patches, device=device).scatter_(1, keep_ids, 0.0)  # (B, N)
+    mask = torch.ones(noise.shape, device=noise.device).scatter_(1, keep_ids, 0.0)  # (B, N)
     return keep_ids, mask
 
 
@@ -212,7 +209,8 @@ class VoxCLIPDecoderLayer(nn.Module):
             context_gate (`torch.Tensor` of shape `(B,)`, *optional*): 0 for rows whose context is empty (image-only
                 rows in the volume decoder): their cross-attention update is dropped.
         """
-        hidden_states = hidden_states + self.self_attn(self.norm1(hidden_states), key_mask=self_mask, is_causal=is_causal)
+        hidden_states = hidden_states + self.self_attn(self.norm1(hidden_states), key_mask=self_mask,
+                                                       is_causal=is_causal)
         if self.cross_attn is not None and context is not None:
             update = self.cross_attn(self.norm2(hidden_states), context, context_mask)  # (B, N, E)
             if context_gate is not None:
@@ -490,7 +488,7 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
 
     def masked_volume_losses(
         self, pixel_values: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor,
-        has_report: torch.Tensor,
+        has_report: torch.Tensor, patch_noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """MG-3D's text-guided masked-volume reconstruction on paired rows (`mvr_loss`) and COLIPRI's masked-image
         modelling on image-only rows (`mim_loss`), from one masked encoder pass and one decoder pass.
@@ -499,13 +497,16 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
             pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): the volumes.
             text_states (`torch.Tensor` of shape `(B, L, E_txt)`), attention_mask (`(B, L)`): the reports' features.
             has_report (`torch.Tensor` of shape `(B,)`): `False` on image-only rows.
+            patch_noise (`torch.Tensor` of shape `(B, N)`, *optional*): the masking noise; drawn here when `None`.
         """
         if pixel_values.dim() != 5:
             raise ValueError("`mvr_loss_weight` / `mim_loss_weight` > 0 reconstruct single volumes (B, C, D, H, W); "
                              f"got pixel_values of shape {tuple(pixel_values.shape)}")
         config = self.config
-        batch_size, num_patches = pixel_values.shape[0], config.vision_config.num_patches
-        keep_ids, mask = random_patch_masking(batch_size, num_patches, config.num_visible_patches, pixel_values.device)
+        if patch_noise is None:
+            num_patches = config.vision_config.num_patches
+            patch_noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)  # (B, N)
+        keep_ids, mask = random_patch_masking(patch_noise, config.num_visible_patches)  # (B, N_vis), (B, N)
         visible_states = self.encode_visible_patches(pixel_values, keep_ids)  # (B, 1 + N_vis, E_vis)
         guided = config.mvr_loss_weight > 0
         predictions = self.volume_decoder(visible_states, keep_ids, text_states if guided else None, attention_mask,
@@ -575,6 +576,7 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         has_report: torch.Tensor | None = None,
         mlm_input_ids: torch.LongTensor | None = None,
         mlm_labels: torch.LongTensor | None = None,
+        patch_noise: torch.Tensor | None = None,
         return_loss: bool = False,
         **kwargs,
     ) -> VoxCLIPOutput:
@@ -587,6 +589,8 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
                 masked-image term uses; default: every row is paired.
             mlm_input_ids (`torch.LongTensor` of shape `(B, L)`, *optional*), mlm_labels (`(B, L)`, *optional*): the
                 collator's masked reports and targets, needed when `mlm_loss_weight > 0`.
+            patch_noise (`torch.Tensor` of shape `(B, N)`, *optional*): uniform noise that picks the masked patches
+                of the reconstruction terms (the collator's); drawn from the global generator when `None`.
             return_loss (`bool`, defaults to `False`): compute the training loss and its components.
         """
         if attention_mask is None:
@@ -603,7 +607,9 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
             has_report = has_report.to(device=input_ids.device, dtype=torch.bool)  # (B,)
             losses = self.contrastive_losses(image_embeds, text_embeds, has_report)
             if self.volume_decoder is not None:
-                losses.update(self.masked_volume_losses(pixel_values, text_states, attention_mask, has_report))
+                losses.update(
+                    self.masked_volume_losses(pixel_values, text_states, attention_mask, has_report, patch_noise)
+                )
             if self.mlm_head is not None:
                 losses["mlm_loss"] = self.masked_lm_loss(mlm_input_ids, mlm_labels, attention_mask, vision_output,
                                                          has_report)
@@ -657,4 +663,6 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         return model
 
 
-__all__ = ["VoxCLIPModel", "VoxCLIPPreTrainedModel", "VoxCLIPOutput", "TextEncoderNotFoundError", "random_patch_masking"]
+__all__ = [
+    "VoxCLIPModel", "VoxCLIPPreTrainedModel", "VoxCLIPOutput", "TextEncoderNotFoundError", "random_patch_masking",
+]

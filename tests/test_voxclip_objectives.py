@@ -2,7 +2,9 @@
 is above 0, the gradients each term gives (and does not give), paired / image-only rows, save and load, and the
 collator's and the stage's handling of image-only rows and MLM masking."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -99,11 +101,13 @@ def test_masked_reconstruction_loss_is_the_mse_of_masked_patches():
 
 
 def test_random_patch_masking_hides_the_rest():
-    keep_ids, mask = random_patch_masking(4, 64, 16, torch.device("cpu"))
+    keep_ids, mask = random_patch_masking(torch.rand(4, 64), 16)
     assert keep_ids.shape == (4, 16) and mask.shape == (4, 64)
     assert torch.all(mask.sum(dim=1) == 48)
     assert torch.all(mask.gather(1, keep_ids) == 0)
     assert all(len(set(row.tolist())) == 16 for row in keep_ids)
+    keep_ids, mask = random_patch_masking(torch.tensor([[0.9, 0.1, 0.5, 0.3]]), 2)  # the two smallest stay visible
+    assert keep_ids.tolist() == [[1, 3]] and mask.tolist() == [[1.0, 0.0, 1.0, 0.0]]
 
 
 # --- configuration and modules --------------------------------------------------------------------------------------
@@ -271,7 +275,8 @@ GRADIENT_CASES = {
     ),
     "report_gen_loss": (
         {"report_gen_loss_weight": 1.0},
-        ["report_decoder.layers.0.self_attn", "report_decoder.layers.0.cross_attn", "report_decoder.position_embeddings",
+        ["report_decoder.layers.0.self_attn", "report_decoder.layers.0.cross_attn",
+         "report_decoder.position_embeddings",
          "report_decoder.bias", "text_model.embeddings.word_embeddings", "vision_model.blocks"],
         ["text_model.encoder", "visual_projection", "text_projection", "logit_scale"],
     ),
@@ -312,6 +317,42 @@ def test_save_and_load_with_every_term(tmp_path):
     assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+REMOTE_LOSSES = """
+import importlib.abc, sys
+class BlockVoxlm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "voxlm" or name.startswith("voxlm."):
+            raise ImportError("voxlm is blocked in this process")
+sys.meta_path.insert(0, BlockVoxlm())
+import torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert not type(model).__module__.startswith("voxlm"), type(model).__module__
+output = model(**torch.load(sys.argv[1] + "/inputs.pt", weights_only=True), return_loss=True)
+names = ("loss", "mvr_loss", "mim_loss", "mlm_loss", "report_gen_loss")
+torch.save({name: getattr(output, name).detach() for name in names}, sys.argv[1] + "/remote.pt")
+"""
+
+
+def test_every_term_runs_from_the_saved_code_without_voxlm(tmp_path):
+    import subprocess
+    import sys
+
+    model = tiny_clip(**ALL_TERMS)
+    model.save_pretrained(tmp_path)
+    inputs = {**batch(), "patch_noise": torch.rand(3, 64)}  # the masks come with the inputs, as from the collator
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "remote.py").write_text(REMOTE_LOSSES)
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "remote.py"), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "remote.pt", weights_only=True)
+    with torch.no_grad():
+        local = model(**inputs, return_loss=True)
+    for name, value in remote.items():
+        torch.testing.assert_close(value, getattr(local, name), rtol=0, atol=1e-5, msg=name)
+
+
 # --- data: image-only rows and MLM masking --------------------------------------------------------------------------
 
 
@@ -338,6 +379,10 @@ def test_collator_marks_image_only_rows_and_masks_reports_the_bert_way(minilm_di
     assert (masked[targets] == tokenizer.mask_token_id).float().mean() > 0.5  # most become [MASK] (BERT's 80%)
     again = ContrastiveCollator(tokenizer, mlm_probability=0.15, seed=3)(samples)
     assert torch.equal(again["mlm_input_ids"], masked)
+    noisy = ContrastiveCollator(tokenizer, num_patches=64, seed=3)
+    first, second = noisy(samples)["patch_noise"], noisy(samples)["patch_noise"]
+    assert first.shape == (4, 64) and not torch.equal(first, second)  # a new draw per batch ...
+    assert torch.equal(ContrastiveCollator(tokenizer, num_patches=64, seed=3)(samples)["patch_noise"], first)  # seeded
 
 
 def test_rows_without_a_report_stream_and_collate_as_image_only(tmp_path, minilm_dir):
@@ -368,32 +413,50 @@ def test_rows_without_a_report_stream_and_collate_as_image_only(tmp_path, minilm
     assert all(row["report"] for row in mixed if row["patient_id"].startswith("phantom-0000"))
 
 
-def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_text_encoder_dir):
-    from transformers import AutoModel
+def every_term_overrides(tmp_path, text_dir) -> dict:
+    """pretrain-clip settings with every extra term on, on 8 phantoms, every second one without its report."""
+    from voxlm.training.data import generate_case, write_dataset
+    from voxlm.training.data.phantom_dataset import case_rows
 
-    from voxlm.training import train_clip
-    from voxlm.training.data import write_phantom_dataset
-    from voxlm.training.loop import load_settings
-
-    write_phantom_dataset(tmp_path / "paired", 8, shape=(8, 16, 16), test_fraction=0.0)
-    write_phantom_dataset(tmp_path / "images", 8, shape=(8, 16, 16), seed=100, test_fraction=0.0)
-    overrides = {
+    rows = [case_rows(generate_case(seed, shape=(8, 16, 16)), "train")[0] for seed in range(8)]  # the report rows
+    for row in rows[1::2]:
+        row["report"] = None
+    write_dataset(rows, tmp_path / "half-paired", "phantoms, half of them without reports")
+    return {
         "model.image_size": "[8,16,16]",
         "model.vision_config": "{patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
                                "num_attention_heads: 4}",
         "model.projection_dim": "16",
-        "model.text": str(tiny_text_encoder_dir),
+        "model.text": str(text_dir),
+        "model.text_dropout": "0.0",
         "model.clip_config": "{volume_decoder_hidden_size: 16, volume_decoder_heads: 2, "
                              "volume_decoder_intermediate_size: 32}",
         **{f"model.{name}": "1.0" for name in ("mvr_loss_weight", "mim_loss_weight", "mlm_loss_weight",
                                                "report_gen_loss_weight")},
-        "data.path": str(tmp_path / "paired"), "data.image_only_path": str(tmp_path / "images"),
-        "data.shuffle_buffer": "0", "run.max_steps": "2", "run.batch_size": "4", "run.tracker": "null",
+        "data.path": str(tmp_path / "half-paired"), "data.shuffle_buffer": "0",
+        "run.max_steps": "2", "run.batch_size": "4", "run.tracker": "null",
         "run.output_dir": str(tmp_path / "run"),
     }
+
+
+def history(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "pretrain-clip_history.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_text_encoder_dir):
+    from transformers import AutoModel
+
+    from voxlm.training import train_clip
+    from voxlm.training.loop import load_settings
+
+    from voxlm.training.data import write_phantom_dataset
+
+    # COLIPRI's setting: paired rows (here half of them without a report) mixed with an image-only dataset.
+    write_phantom_dataset(tmp_path / "images", 8, shape=(8, 16, 16), seed=100, test_fraction=0.0)
+    overrides = every_term_overrides(tmp_path, tiny_text_encoder_dir)
+    overrides["data.image_only_path"] = str(tmp_path / "images")
     final = train_clip.train(load_settings(train_clip.ClipSettings, None, overrides))
-    records = [__import__("json").loads(line)
-               for line in (tmp_path / "run" / "pretrain-clip_history.jsonl").read_text().splitlines()]
+    records = history(tmp_path / "run")
     assert len(records) == 2
     for name in ("contrastive_loss", "mvr_loss", "mim_loss", "mlm_loss", "report_gen_loss"):
         assert all(math.isfinite(record[name]) for record in records), name
@@ -401,3 +464,22 @@ def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_t
     loaded = AutoModel.from_pretrained(final)
     assert loaded.volume_decoder is not None and loaded.mlm_head is not None and loaded.report_decoder is not None
     assert F.normalize(loaded.get_image_features(torch.rand(1, 1, 8, 16, 16)), dim=-1).shape == (1, 16)
+
+
+def test_resumed_run_with_every_term_continues_the_same_loss_curve(tmp_path, tiny_text_encoder_dir):
+    from voxlm.training import train_clip
+    from voxlm.training.loop import load_settings
+
+    overrides = {**every_term_overrides(tmp_path, tiny_text_encoder_dir), "run.max_steps": "2",
+                 "run.checkpoint_every": "1"}
+    train_clip.train(load_settings(train_clip.ClipSettings, None, overrides))
+    # A run that stopped after step 1: the straight run's step-1 checkpoint (checkpoint_0) without the later one.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "run" / "checkpoints", stopped / "checkpoints")
+    shutil.rmtree(stopped / "checkpoints" / "checkpoint_1")
+    resumed = {**overrides, "run.output_dir": str(stopped), "run.resume": "true"}
+    train_clip.train(load_settings(train_clip.ClipSettings, None, resumed))
+    straight, after_resume = history(tmp_path / "run"), history(stopped)
+    assert [record["step"] for record in after_resume] == [2]
+    for name in ("loss", "mvr_loss", "mim_loss", "mlm_loss", "report_gen_loss"):  # the same masks were drawn
+        assert after_resume[0][name] == pytest.approx(straight[1][name], abs=1e-6), name

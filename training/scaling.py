@@ -111,7 +111,7 @@ def cell_settings(settings: ScalingSettings, data_size: int, width: int, data_pa
 @torch.no_grad()
 def score_run(model_dir: Path, settings: ScalingSettings, data_path: str) -> dict:
     """A saved VoxCLIP's `eval_loss`, the mean training loss (all active terms, weighted) over the first
-    `eval_batches` batches of the held-out split (a fixed seed for the masking terms), and its encoder's
+    `eval_batches` batches of the held-out split (the same masks for every run), and its encoder's
     `vision_parameters`."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -121,11 +121,11 @@ def score_run(model_dir: Path, settings: ScalingSettings, data_path: str) -> dic
     batch_size = settings.clip.run.batch_size
     rows = stream_rows(data_path, "cap", settings.eval_split, limit=settings.eval_batches * batch_size)
     mlm_probability = settings.clip.data.mlm_probability if model.config.mlm_loss_weight > 0 else 0.0
+    num_patches = model.config.vision_config.num_patches if model.config.builds_volume_decoder else None
     collator = ContrastiveCollator(AutoTokenizer.from_pretrained(model_dir), settings.clip.data.max_text_length,
-                                   mlm_probability, seed=0)
+                                   mlm_probability, num_patches, seed=0)
     loader = torch.utils.data.DataLoader(PreprocessedStream(rows, VoxVolumeProcessor.from_pretrained(model_dir)),
                                          batch_size=batch_size, collate_fn=collator)
-    torch.manual_seed(0)
     losses = [model(**batch, return_loss=True).loss.item() for batch in loader]
     if not losses:
         raise ValueError(f"the {settings.eval_split!r} split of {data_path} is empty: no held-out loss")
@@ -151,8 +151,8 @@ def prepare_data(settings: ScalingSettings) -> str:
         raise ValueError("give `clip.data.path` (a dataset in voxlm's format) or `phantoms` > 0 to write one")
     available = count_rows(path, settings.clip.data.split)
     if max(settings.data_sizes) > available:
-        raise ValueError(f"`data_sizes` goes up to {max(settings.data_sizes)} rows but the {settings.clip.data.split!r} "
-                         f"split of {path} holds {available}")
+        raise ValueError(f"`data_sizes` goes up to {max(settings.data_sizes)} rows but the "
+                         f"{settings.clip.data.split!r} split of {path} holds {available}")
     return path
 
 

@@ -149,12 +149,13 @@ def train(settings: ClipSettings) -> Path:
     accelerator = build_accelerator(settings.run)
     data = settings.data
     mlm_probability = data.mlm_probability if settings.model.mlm_loss_weight > 0 else 0.0
+    num_patches = model.config.vision_config.num_patches if model.config.builds_volume_decoder else None
 
     def batches_for_epoch(epoch: int):
         seed = settings.run.seed + epoch
         rows = clip_rows(data, accelerator.process_index, accelerator.num_processes, seed)
-        # A collator per epoch and process: its MLM masks depend only on the batches collated in this epoch.
-        collator = ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability,
+        # A collator per epoch and process: its masks depend only on the batches collated in this epoch.
+        collator = ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability, num_patches,
                                        seed=seed * accelerator.num_processes + accelerator.process_index)
         return torch.utils.data.DataLoader(PreprocessedStream(rows, processor), batch_size=settings.run.batch_size,
                                            num_workers=settings.run.num_workers, collate_fn=collator)

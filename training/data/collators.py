@@ -14,17 +14,23 @@ class ContrastiveCollator:
     rows whose report is empty or `None` (only the masked-image objective uses them). With `mlm_probability > 0` it
     adds `mlm_input_ids` and `mlm_labels (B, L)`: BERT's masking of the reports (transformers'
     `DataCollatorForLanguageModeling`: that share of the non-special tokens chosen, 80% of them replaced by `[MASK]`,
-    10% by a random token, 10% kept; labels `-100` elsewhere).
+    10% by a random token, 10% kept; labels `-100` elsewhere). With `num_patches` it adds `patch_noise (B, N)`, the
+    uniform noise from which VoxCLIP picks the masked patches of its reconstruction terms.
+
+    Both draws use the collator's own generators, so a resumed run that re-collates the batches it skips draws the
+    same masks as an uninterrupted one.
 
     Args:
         tokenizer: the text encoder's tokenizer.
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
         mlm_probability (`float`, defaults to 0.0): share of report tokens masked for MLM; 0 adds no MLM inputs.
-        seed (`int`, defaults to 0): seeds the MLM masking (its own generator, so a resumed run that re-collates the
-            batches it skips draws the same masks as an uninterrupted one).
+        num_patches (`int`, *optional*): the encoder's patch count (`vision_config.num_patches`) when a masked-volume
+            term is on; `None` adds no patch noise.
+        seed (`int`, defaults to 0): seeds both generators.
     """
 
-    def __init__(self, tokenizer, max_length: int = 128, mlm_probability: float = 0.0, seed: int = 0):
+    def __init__(self, tokenizer, max_length: int = 128, mlm_probability: float = 0.0, num_patches: int | None = None,
+                 seed: int = 0):
         if not 0.0 <= mlm_probability < 1.0:
             raise ValueError(f"`mlm_probability` must be in [0, 1), got {mlm_probability}")
         self.tokenizer = tokenizer
@@ -32,6 +38,8 @@ class ContrastiveCollator:
         self.masker = None
         if mlm_probability > 0:
             self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+        self.num_patches = num_patches
+        self.patch_generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, samples: list[dict]) -> dict:
         reports = [sample.get("report") or "" for sample in samples]
@@ -47,6 +55,8 @@ class ContrastiveCollator:
             masked = self.masker([{"input_ids": ids, "special_tokens_mask": special}
                                   for ids, special in zip(text["input_ids"], text["special_tokens_mask"])])
             batch["mlm_input_ids"], batch["mlm_labels"] = masked["input_ids"], masked["labels"]
+        if self.num_patches is not None:
+            batch["patch_noise"] = torch.rand(len(samples), self.num_patches, generator=self.patch_generator)
         return batch
 
 
