@@ -11,6 +11,7 @@ Schedules: `study` (every block attends across the whole study: a plain ViT over
 `scan_study` and `slice_scan_study` (HLIP presets), and `scan` (scans never meet: the linear floor).
 
 Usage: python benchmarks/bench_hlip.py [--scans 1 4 8] [--repeats 3] [--hidden-size 192] [--layers 6]
+       [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import common
 
 SCHEDULES = ("study", "scan_study", "slice_scan_study", "scan")
 
@@ -102,23 +106,23 @@ def total(row: dict) -> float:
     return row["attention_gflops"] + row["linear_gflops"]
 
 
-def markdown_table(rows: list[dict]) -> str:
+def table_rows(rows: list[dict]) -> list[list[str]]:
     """One row per (schedule, S), growth columns relative to the smallest S of the same schedule."""
-    lines = [
-        "| schedule | S | tokens | forward (s) | time / S=1 | extra peak RSS (MiB) | attention GFLOPs "
-        "| attention / S=1 | all GFLOPs | all / S=1 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
     first = {row["schedule"]: row for row in rows if row["scans"] == min(r["scans"] for r in rows)}
+    cells = []
     for row in rows:
         base = first[row["schedule"]]
-        lines.append(
-            f"| {row['schedule']} | {row['scans']} | {row['tokens']} | {row['seconds']:.3f} "
-            f"| {row['seconds'] / base['seconds']:.1f}x | {row['memory_mib']:.0f} | {row['attention_gflops']:.2f} "
-            f"| {row['attention_gflops'] / base['attention_gflops']:.1f}x | {total(row):.2f} "
-            f"| {total(row) / total(base):.1f}x |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            row["schedule"], str(row["scans"]), str(row["tokens"]), f"{row['seconds']:.3f}",
+            f"{row['seconds'] / base['seconds']:.1f}x", f"{row['memory_mib']:.0f}", f"{row['attention_gflops']:.2f}",
+            f"{row['attention_gflops'] / base['attention_gflops']:.1f}x", f"{total(row):.2f}",
+            f"{total(row) / total(base):.1f}x",
+        ])
+    return cells
+
+
+COLUMNS = ["schedule", "S", "tokens", "forward (s)", "time / S=1", "extra peak RSS (MiB)", "attention GFLOPs",
+           "attention / S=1", "all GFLOPs", "all / S=1"]
 
 
 def parse_args(argv=None):
@@ -132,6 +136,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
     parser.add_argument("--worker", nargs=2, metavar=("SCHEDULE", "SCANS"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -143,20 +148,27 @@ def main(argv=None):
         sys.stdout.write(json.dumps(measure(schedule, num_scans, args)) + "\n")
         return
     forwarded = list(argv if argv is not None else sys.argv[1:])
+    worker_args = common.without_flags(forwarded, ("--json-out",))
     tokens_per_scan = 1 + math.prod(s // p for s, p in zip(args.image_size, args.patch_size))
     rows = []
     for schedule in args.schedules:
         for num_scans in sorted(args.scans):
-            command = [sys.executable, __file__, *forwarded, "--worker", schedule, str(num_scans)]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
-            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            measured = common.run_worker(__file__, [*worker_args, "--worker", schedule, str(num_scans)])
             rows.append(dict(schedule=schedule, scans=num_scans, tokens=num_scans * tokens_per_scan, **measured))
-    header = (
-        f"VoxViT forward, one study, scans {tuple(args.image_size)} patch {tuple(args.patch_size)} "
-        f"({tokens_per_scan} tokens per scan), width {args.hidden_size}, {args.layers} blocks, "
-        f"{args.threads} CPU threads, fastest of {args.repeats}"
+    result = dict(
+        name="hlip",
+        title="HLIP study attention",
+        command=common.command_line("bench_hlip.py", forwarded),
+        description=(
+            f"VoxViT forward, one study, scans {tuple(args.image_size)} patch {tuple(args.patch_size)} "
+            f"({tokens_per_scan} tokens per scan), width {args.hidden_size}, {args.layers} blocks, "
+            f"{args.threads} CPU threads, fastest of {args.repeats}; hierarchical schedules against full study "
+            f"attention (`study`)."
+        ),
+        tables=[dict(columns=COLUMNS, rows=table_rows(rows))],
+        figures={"rows": rows},
     )
-    sys.stdout.write(header + "\n\n" + markdown_table(rows) + "\n")
+    common.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

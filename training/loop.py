@@ -46,6 +46,11 @@ class RunSettings:
         num_workers (`int`): DataLoader workers per process.
         find_unused_parameters (`bool`): DDP setting for models with parameters some batches do not use (VoxLM's
             segmentation head on batches without masks).
+        gradient_checkpointing (`bool`): recompute each encoder / LLM block in the backward pass instead of keeping
+            its activations (non-reentrant `torch.utils.checkpoint`): about 1.3x the step time for a fraction of the
+            activation memory (`benchmarks/RESULTS.md`, "Memory").
+        compile (`bool`): compile the model in place with `torch.compile` (`nn.Module.compile`, so checkpoints and
+            `save_pretrained` see the same module and keys); the first steps pay the compilation.
     """
 
     output_dir: str = "runs/voxlm"
@@ -64,6 +69,8 @@ class RunSettings:
     tracker: str | None = "tensorboard"
     num_workers: int = 0
     find_unused_parameters: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
 
 
 def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
@@ -147,6 +154,18 @@ def build_accelerator(settings: RunSettings) -> Accelerator:
     )
 
 
+def apply_speed_settings(model: torch.nn.Module, settings: RunSettings) -> None:
+    """Gradient checkpointing and `torch.compile`, in place, as `settings` ask (a PEFT wrapper passes the call on)."""
+    if settings.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(
+            model, "activation_checkpointing_enable"
+        ):
+            raise ValueError(f"run.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if settings.compile:
+        model.compile()
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     folder = Path(output_dir) / "checkpoints"
     checkpoints = sorted(folder.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if folder.exists() else []
@@ -181,6 +200,7 @@ def run_training(
     """
     accelerator = accelerator or build_accelerator(settings)
     set_seed(settings.seed)
+    apply_speed_settings(model, settings)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -42,6 +42,10 @@ class LoraSettings:
         r (`int`), alpha (`int`), dropout (`float`): LoRA's rank, scaling and dropout.
         train_vision (`bool`): also train the encoder fully (saved with the adapter through `modules_to_save`).
         extra_modules (`list[str]`): further modules trained fully and saved with the adapter.
+        frozen_dtype (`str`, *optional*): `"bf16"` stores every frozen parameter (the LLM's base weights, a frozen
+            encoder) in bfloat16 while the trained ones stay float32: half the weight memory, which is what lets the
+            7B model train on one 24 GB GPU (`README.md`, "Memory to train the 7B model"). Needs
+            `run.mixed_precision=bf16`. `None` keeps every parameter as loaded.
     """
 
     r: int = 16
@@ -49,6 +53,7 @@ class LoraSettings:
     dropout: float = 0.05
     train_vision: bool = False
     extra_modules: list[str] = field(default_factory=list)
+    frozen_dtype: str | None = None
 
 
 def llm_linear_names(model: VoxLMForConditionalGeneration) -> list[str]:
@@ -86,4 +91,19 @@ def apply_lora(model: VoxLMForConditionalGeneration, settings: LoraSettings):
         trainable_token_indices={"embed_tokens": new_token_ids(model)},
         task_type=None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if settings.frozen_dtype is not None:
+        cast_frozen(model, settings.frozen_dtype)
+    return model
+
+
+FROZEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cast_frozen(model: nn.Module, dtype: str) -> None:
+    """Store the parameters that do not train in `dtype` (`"bf16"`, `"fp16"` or `"fp32"`); trained ones keep theirs."""
+    if dtype not in FROZEN_DTYPES:
+        raise ValueError(f"lora.frozen_dtype must be one of {sorted(FROZEN_DTYPES)} or None, got {dtype!r}")
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(FROZEN_DTYPES[dtype])
