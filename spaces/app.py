@@ -21,7 +21,6 @@ import gradio as gr
 from voxlm import inference, viewer
 from voxlm.processing import VolumeError, VoxVolumeProcessor
 
-logger = logging.getLogger("voxlm.space")
 EXAMPLES = Path(__file__).parent / "examples"
 BUNDLED = {path.name: path for path in sorted(EXAMPLES.glob("*.nii.gz"))}
 GALLERY = json.loads((EXAMPLES / "reports.json").read_text())
@@ -110,8 +109,9 @@ def ask(view, question, window, progress=gr.Progress()):
     if prediction.mask is not None:
         folder = Path(tempfile.mkdtemp(prefix="voxlm-mask-"))
         mask_file = str(prediction.save_mask(folder / f"{Path(view['path']).name.split('.')[0]}_mask.nii.gz"))
+    summary = prediction.to_dict()
     boxes = "\n".join(f"- box {box} (z1, y1, x1, z2, y2, x2 in [0, 1]); RAS mm corners {world}"
-                      for box, world in zip(prediction.to_dict()["boxes"], prediction.to_dict()["boxes_ras_mm"]))
+                      for box, world in zip(summary["boxes"], summary["boxes_ras_mm"]))
     view = {**view, "mask": prediction.canonical_mask, "boxes": prediction.boxes_canonical}
     return view, prediction.text, boxes, mask_file
 
