@@ -25,6 +25,8 @@ from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training, save_final
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ClipModelSettings:
@@ -148,6 +150,11 @@ def train(settings: ClipSettings) -> Path:
     model, processor, tokenizer = build_clip(settings.model)
     accelerator = build_accelerator(settings.run)
     data = settings.data
+    if settings.model.mim_loss_weight > 0 and not data.image_only_path:
+        logger.warning("model.mim_loss_weight > 0 trains on rows without a report only; data.image_only_path is "
+                       "empty, so only rows of data.path with an empty report feed it")
+    if data.image_only_path and settings.model.mim_loss_weight == 0:
+        logger.warning("data.image_only_path is set but model.mim_loss_weight is 0: its volumes train nothing")
     mlm_probability = data.mlm_probability if settings.model.mlm_loss_weight > 0 else 0.0
     num_patches = model.config.vision_config.num_patches if model.config.builds_volume_decoder else None
 
