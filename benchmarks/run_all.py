@@ -150,7 +150,17 @@ def write_results(results: dict, quick: bool) -> None:
     RESULTS.write_text(replace_between(text, BEGIN, END, generated))
     plan = results.get("memory_plan")
     if plan is not None and README.exists():
-        body = "\n\n".join([plan["description"], common.markdown_table(**plan["tables"][0]), *plan.get("notes", [])])
+        notes = list(plan.get("notes", []))
+        memory = results.get("memory")
+        if memory is not None:
+            checks = "; ".join(
+                f"{row[0]}: formula {row[3]} GiB, measured {row[4]} GiB" for row in memory["tables"][1]["rows"])
+            notes.append(
+                "Cross-check, measured on this machine's CPU (ViT-B at 32 x 256 x 256 + SmolLM2-135M with LoRA, the "
+                f"same formula; `bench_memory.py`), activations + gradients of one step: {checks}. The formula counts "
+                "every gradient as alive at the activation peak, so it is an upper bound, tight without checkpointing "
+                "and loose with it: the plan errs on the safe side.")
+        body = "\n\n".join([plan["description"], common.markdown_table(**plan["tables"][0]), *notes])
         README.write_text(replace_between(README.read_text(), PLAN_BEGIN, PLAN_END, body,
                                           append_heading="## Memory to train the 7B model"))
 

@@ -47,8 +47,8 @@ class RunSettings:
         find_unused_parameters (`bool`): DDP setting for models with parameters some batches do not use (VoxLM's
             segmentation head on batches without masks).
         gradient_checkpointing (`bool`): recompute each encoder / LLM block in the backward pass instead of keeping
-            its activations (non-reentrant `torch.utils.checkpoint`): about 1.3x the step time for a fraction of the
-            activation memory (`benchmarks/RESULTS.md`, "Memory").
+            its activations (non-reentrant `torch.utils.checkpoint`): one more forward per block (up to a third more
+            compute) for a fraction of the activation memory (`benchmarks/RESULTS.md`, training step memory).
         compile (`bool`): compile the model in place with `torch.compile` (`nn.Module.compile`, so checkpoints and
             `save_pretrained` see the same module and keys); the first steps pay the compilation.
     """
