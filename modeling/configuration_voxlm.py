@@ -105,6 +105,12 @@ class VoxLMConfig(PretrainedConfig):
             Id of `[SEG]`; required with a `seg_config`.
         box_start_token_id (`int`, *optional*), box_end_token_id (`int`, *optional*):
             Ids of `<bx_start>` / `<bx_end>` (boxes as text).
+        max_study_scans (`int`, *optional*, defaults to 1):
+            Most scans of a study the LLM is shown at once. Each scan gives `num_image_tokens` tokens and a learned
+            scan separator goes between consecutive scans, so a prompt holds at most `max_image_tokens`
+            `= S * num_image_tokens + (S - 1)` image placeholders for `S = max_study_scans`. Above 1 the projector
+            learns the separator; the encoder must take that many scans (`vision_config.max_scans`), and the image
+            tokens must fit in the LLM's `max_position_embeddings`. 1 (the default) is M3D-LaMed: one volume.
     """
 
     model_type = "voxlm"
@@ -121,6 +127,7 @@ class VoxLMConfig(PretrainedConfig):
         seg_token_id: int | None = None,
         box_start_token_id: int | None = None,
         box_end_token_id: int | None = None,
+        max_study_scans: int = 1,
         **kwargs,
     ):
         if isinstance(vision_config, dict):
@@ -136,6 +143,7 @@ class VoxLMConfig(PretrainedConfig):
         self.seg_token_id = seg_token_id
         self.box_start_token_id = box_start_token_id
         self.box_end_token_id = box_end_token_id
+        self.max_study_scans = max_study_scans
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # Saved folders name their code so that `trust_remote_code=True` loads them without voxlm installed.
         kwargs.setdefault("auto_map", dict(VOXLM_AUTO_MAP))
@@ -160,6 +168,25 @@ class VoxLMConfig(PretrainedConfig):
                     )
         if self.seg_config is not None and self.seg_token_id is None:
             raise ValueError("`seg_token_id` is required when a `seg_config` builds the segmentation head")
+        self.validate_study()
+
+    def validate_study(self):
+        """Raise `ValueError` naming `max_study_scans` when the encoder or the LLM context cannot take that many."""
+        scans = self.max_study_scans
+        if not isinstance(scans, int) or isinstance(scans, bool) or scans < 1:
+            raise ValueError(f"`max_study_scans` must be an int >= 1, got {scans!r}")
+        if scans > self.vision_config.max_scans:
+            raise ValueError(
+                f"`max_study_scans` ({scans}) exceeds the scans the encoder takes (`vision_config.max_scans` = "
+                f"{self.vision_config.max_scans})"
+            )
+        context = getattr(self.text_config, "max_position_embeddings", None)
+        if scans > 1 and context is not None and self.max_image_tokens >= context:
+            raise ValueError(
+                f"`max_study_scans` ({scans}) puts up to {self.max_image_tokens} image tokens in a prompt "
+                f"({scans} x {self.num_image_tokens} + {scans - 1} separators), which leaves no room for text in the "
+                f"LLM's {context} positions (`text_config.max_position_embeddings`)"
+            )
 
     @property
     def image_grid_size(self) -> tuple[int, int, int]:
@@ -173,3 +200,12 @@ class VoxLMConfig(PretrainedConfig):
     def num_image_tokens(self) -> int:
         """How many `<im_patch>` tokens a prompt holds per volume (256 for the defaults)."""
         return math.prod(self.image_grid_size)
+
+    def num_study_image_tokens(self, num_scans: int) -> int:
+        """`<im_patch>` placeholders of a study prompt: `num_image_tokens` per scan plus one separator between scans."""
+        return num_scans * self.num_image_tokens + num_scans - 1
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most `<im_patch>` placeholders a prompt holds: a study of `max_study_scans` scans."""
+        return self.num_study_image_tokens(self.max_study_scans)

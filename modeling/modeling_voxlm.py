@@ -4,6 +4,8 @@
       -> VoxViT                                   patch features (B, N, E_vis), CLS dropped
       -> SpatialPoolingProjector (spp)           avg_pool3d over the patch grid, Linear-GELU-Linear -> (B, N_img, E_llm)
       -> replaces the `<im_patch>` tokens         found by id (never by position), counts checked
+         (a study (B, S, 1, D, H, W) + scan_mask: VoxViT study mode, each scan projected alone -> (B, S, N_img, E_llm);
+          the real scans' tokens in order, a learned separator between scans -> S_real N_img + S_real - 1 tokens)
       -> causal LM (built with from_config)       logits (B, L, V); the LM loss on answer tokens
       -> hidden state at each `[SEG]` token       mean if several -> (B_seg, E_llm)
       -> VoxSegHead                               prompt projector + two-way attention over the patch features
@@ -72,7 +74,20 @@ class VoxLMGenerateOutput(ModelOutput):
     masks: list | None = None
 
 
-class SpatialPoolingProjector(nn.Module):
+class VoxLMProjector(nn.Module):
+    """What both projectors share: the learned scan separator of study prompts (`config.max_study_scans > 1`).
+
+    It lives in the projector so that whatever trains the projector (the align stage, LoRA's `modules_to_save`) trains
+    it too: like the image tokens, it is an embedding the LLM has never seen.
+    """
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.scan_separator = nn.Parameter(torch.zeros(hidden_size)) if config.max_study_scans > 1 else None
+
+
+class SpatialPoolingProjector(VoxLMProjector):
     """M3D's `spp` projector: average-pool the patch grid, then Linear-GELU-Linear into the LLM width.
 
     Note: the paper calls this a "3D spatial pooling perceiver"; it has no learned queries
@@ -80,7 +95,7 @@ class SpatialPoolingProjector(nn.Module):
     """
 
     def __init__(self, config: VoxLMConfig):
-        super().__init__()
+        super().__init__(config)
         self.grid_size = config.vision_config.grid_size
         self.pooling_size = tuple(config.pooling_size)
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
@@ -95,11 +110,11 @@ class SpatialPoolingProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(tokens)))
 
 
-class LinearProjector(nn.Module):
+class LinearProjector(VoxLMProjector):
     """M3D's `linear` projector: one Linear per patch token, no pooling (N_img = N)."""
 
     def __init__(self, config: VoxLMConfig):
-        super().__init__()
+        super().__init__(config)
         self.linear = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
@@ -224,6 +239,8 @@ class VoxLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VoxSegHead):
             init.trunc_normal_(module.image_position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.mask_token, mean=0.0, std=std)
+        elif isinstance(module, VoxLMProjector) and module.scan_separator is not None:
+            init.trunc_normal_(module.scan_separator, mean=0.0, std=std)
 
 
 class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
@@ -232,6 +249,11 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
     `config.num_image_tokens` LLM embeddings that replace the prompt's `<im_patch>` tokens, a causal LM (any
     `AutoModelForCausalLM`, built from `config.text_config`) writes the answer, and when the answer holds `[SEG]`, a
     [`VoxSegHead`] decodes a 3D mask from that token's hidden state.
+
+    Studies `(B, S, C, D, H, W)` with a `scan_mask (B, S)` (up to `config.max_study_scans` real scans) are encoded in
+    VoxViT study mode; each real scan gives `num_image_tokens` tokens and a learned separator goes between consecutive
+    scans, so the prompt holds `config.num_study_image_tokens(S_real)` placeholders; padded scans give none. Masks of a
+    study are decoded on one scan, `seg_scan_index` (default 0, the first).
     """
 
     def __init__(self, config: VoxLMConfig):
@@ -258,30 +280,77 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """VoxViT patch features and the projected image tokens.
 
         Args:
-            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): preprocessed volumes.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): preprocessed volumes, or
+                studies of S scans (padded to one S).
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` for real scans.
 
         Returns:
-            `(patch_features (B, N, E_vis), image_features (B, N_img, E_llm))`.
+            `(patch_features (B, N, E_vis), image_features (B, N_img, E_llm))`; for studies, per scan:
+            `(B, S, N, E_vis)` and `(B, S, N_img, E_llm)`.
         """
         # Note: M3D takes the last layer after the final LayerNorm and drops CLS (select_feature="patch" in
         # LaMed/src/model/multimodal_encoder/vit.py).
-        patch_features = self.vision_tower(pixel_values).last_hidden_state[:, 1:]  # (B, N, E_vis)
-        return patch_features, self.multi_modal_projector(patch_features)
+        if pixel_values.dim() != 6:
+            patch_features = self.vision_tower(pixel_values).last_hidden_state[:, 1:]  # (B, N, E_vis)
+            return patch_features, self.multi_modal_projector(patch_features)
+        patch_features = self.vision_tower(pixel_values, scan_mask=scan_mask).last_hidden_state[:, :, 1:]
+        scans = rearrange(patch_features, "b s n e -> (b s) n e")  # (B, S, N, E_vis) -> (B S, N, E_vis)
+        image_features = self.multi_modal_projector(scans)  # (B S, N_img, E_llm), each scan pooled on its own grid
+        return patch_features, rearrange(image_features, "(b s) n e -> b s n e", b=pixel_values.shape[0])
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image tokens `(B, N_img, E_llm)` for volumes `(B, C, D, H, W)`."""
-        return self.encode_images(pixel_values)[1]
+    def get_image_features(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected image tokens `(B, N_img, E_llm)` for volumes `(B, C, D, H, W)`; `(B, S, N_img, E_llm)` for
+        studies `(B, S, C, D, H, W)` (separators not included)."""
+        return self.encode_images(pixel_values, scan_mask)[1]
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Where the `<im_patch>` tokens are, checking that each sample holds exactly `num_image_tokens` of them.
+    def layout_study_tokens(
+        self, image_features: torch.Tensor, scan_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """The image tokens of studies in prompt order: the real scans' tokens, the learned separator between
+        consecutive real scans. Padded scans give no tokens, so a padded study reads exactly like the unpadded one.
+
+        Args:
+            image_features (`torch.Tensor` of shape `(B, S, N_img, E_llm)`): projected tokens of every scan.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): `True` for real scans; `None`: all are real.
+
+        Returns:
+            `(tokens (T, E_llm), counts (B,))`: every sample's tokens concatenated in batch order (the order in which
+            `masked_scatter` fills the `<im_patch>` positions) and each sample's share `S_real N_img + S_real - 1`.
+        """
+        batch_size, num_scans, num_tokens, width = image_features.shape
+        if scan_mask is None:
+            scan_mask = torch.ones(batch_size, num_scans, dtype=torch.bool, device=image_features.device)
+        scan_mask = scan_mask.to(device=image_features.device, dtype=torch.bool)
+        real_scans = scan_mask.sum(dim=1)  # (B,)
+        if bool((real_scans > self.config.max_study_scans).any()):
+            raise ValueError(
+                f"The studies hold {real_scans.tolist()} scans, but this model reads at most "
+                f"{self.config.max_study_scans} (config.max_study_scans)"
+            )
+        scan_tokens = scan_mask[..., None].expand(-1, -1, num_tokens)  # (B, S, N_img)
+        separator = self.multi_modal_projector.scan_separator
+        if separator is None:  # max_study_scans == 1: one real scan, nothing to separate
+            return image_features[scan_tokens], scan_tokens.sum(dim=(1, 2))
+        # A separator follows scan s when a real scan comes later: (real scans at >= s) - (scan s itself) > 0.
+        later = scan_mask.flip(1).cumsum(dim=1).flip(1) - scan_mask.long() > 0  # (B, S)
+        separators = separator.to(image_features.dtype).expand(batch_size, num_scans, 1, width)  # (B, S, 1, E_llm)
+        tokens = torch.cat([image_features, separators], dim=2)  # (B, S, N_img + 1, E_llm)
+        keep = torch.cat([scan_tokens, (scan_mask & later)[..., None]], dim=2)  # (B, S, N_img + 1)
+        return tokens[keep], keep.sum(dim=(1, 2))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_token_counts) -> torch.Tensor:
+        """Where the `<im_patch>` tokens are, checking that each sample holds exactly as many as its image gives.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): the prompt ids.
-            image_features (`torch.Tensor` of shape `(B, N_img, E_llm)`): the features that will replace them.
+            image_token_counts (`int` or `torch.LongTensor` of shape `(B,)`): features per volume (`num_image_tokens`),
+                or per study (from [`layout_study_tokens`]).
 
         Returns:
             `torch.BoolTensor` of shape `(B, L)`.
@@ -290,28 +359,69 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             raise ValueError("config.image_token_id is not set: the model cannot find where image features go")
         placeholder = input_ids == self.config.image_token_id  # (B, L)
         per_sample = placeholder.sum(dim=1)
-        if not bool((per_sample == image_features.shape[1]).all()):
+        if not bool((per_sample == torch.as_tensor(image_token_counts, device=per_sample.device)).all()):
+            given = (
+                f"each volume gives {image_token_counts} features"
+                if isinstance(image_token_counts, int)
+                else f"the studies give {image_token_counts.tolist()} features ({self.config.num_image_tokens} per "
+                "scan and a separator between scans)"
+            )
             raise ValueError(
-                f"Image features and image tokens do not match: each volume gives {image_features.shape[1]} features, "
+                f"Image features and image tokens do not match: {given}, "
                 f"but the prompts hold {per_sample.tolist()} <im_patch> tokens. Build prompts with VoxLMProcessor."
             )
         return placeholder
 
     def embed_inputs(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, scan_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Token embeddings with the image features scattered into the `<im_patch>` positions.
 
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): prompt ids.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`, *optional*).
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` for real scans.
+
         Returns:
-            `(inputs_embeds (B, L, E_llm), patch_features (B, N, E_vis) or None, image_features or None)`.
+            `(inputs_embeds (B, L, E_llm), patch_features or None, image_features or None)`, the latter two as
+            [`encode_images`] returns them.
         """
         inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, E_llm)
         if pixel_values is None:
             return inputs_embeds, None, None
-        patch_features, image_features = self.encode_images(pixel_values)
-        placeholder = self.get_placeholder_mask(input_ids, image_features)[..., None]  # (B, L, 1)
-        inputs_embeds = inputs_embeds.masked_scatter(placeholder, image_features.to(inputs_embeds.dtype))
+        patch_features, image_features = self.encode_images(pixel_values, scan_mask)
+        if image_features.dim() == 4:
+            tokens, counts = self.layout_study_tokens(image_features, scan_mask)  # (T, E_llm), (B,)
+        else:
+            tokens, counts = image_features, image_features.shape[1]
+        placeholder = self.get_placeholder_mask(input_ids, counts)[..., None]  # (B, L, 1)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder, tokens.to(inputs_embeds.dtype))
         return inputs_embeds, patch_features, image_features
+
+    @staticmethod
+    def select_seg_scan(
+        patch_features: torch.Tensor, scan_mask: torch.Tensor | None, seg_scan_index=0
+    ) -> torch.Tensor:
+        """The patch features a mask is decoded from: the volume's, or for a study those of scan `seg_scan_index`.
+
+        Args:
+            patch_features (`torch.Tensor` of shape `(B, N, E_vis)` or `(B, S, N, E_vis)`): from [`encode_images`].
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): `True` for real scans.
+            seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): the scan of each study.
+
+        Returns:
+            `torch.Tensor` of shape `(B, N, E_vis)`.
+        """
+        if patch_features.dim() == 3:
+            return patch_features
+        batch_size, num_scans = patch_features.shape[:2]
+        index = torch.as_tensor(seg_scan_index, dtype=torch.long, device=patch_features.device).expand(batch_size)
+        if bool(((index < 0) | (index >= num_scans)).any()):
+            raise ValueError(f"seg_scan_index {index.tolist()} is outside the studies' {num_scans} scans")
+        rows = torch.arange(batch_size, device=patch_features.device)
+        if scan_mask is not None and not bool(scan_mask.to(patch_features.device, torch.bool)[rows, index].all()):
+            raise ValueError(f"seg_scan_index {index.tolist()} points at a padded scan (scan_mask is False there)")
+        return patch_features[rows, index]  # (B, S, N, E_vis) -> (B, N, E_vis)
 
     def forward_seg(
         self,
@@ -368,6 +478,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        scan_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
@@ -375,6 +486,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         seg_masks: torch.Tensor | None = None,
         has_mask: torch.Tensor | None = None,
+        seg_scan_index=0,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -387,16 +499,21 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(B, L)`): prompt (and answer) ids; each prompt holds
                 `config.num_image_tokens` `<im_patch>` tokens when `pixel_values` are given.
             pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`, *optional*): preprocessed volumes; only on the
-                first (prefill) step of generation.
+                first (prefill) step of generation. Studies: `(B, S, C, D, H, W)`, and each prompt holds
+                `config.num_study_image_tokens(S_real)` `<im_patch>` tokens.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` for real scans, `False` for
+                padding (padded scans give no tokens); `None`: every scan is real.
             attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for tokens, 0 for padding.
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): LM targets, `-100` where no loss is wanted.
             seg_masks (`torch.Tensor` of shape `(B, 1, D, H, W)`, *optional*): target masks; adds Dice + BCE for the
                 samples that hold `[SEG]` (and have `has_mask`).
             has_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): which rows of `seg_masks` are real.
+            seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): for studies, the scan that
+                `seg_masks` and the predicted masks belong to.
             return_dict (`bool`, *optional*): accepted for `generate`; the output is always a `ModelOutput`.
         """
         if inputs_embeds is None:
-            inputs_embeds, patch_features, image_features = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds, patch_features, image_features = self.embed_inputs(input_ids, pixel_values, scan_mask)
         else:
             patch_features = image_features = None
         wants_seg = seg_masks is not None and self.seg_head is not None and patch_features is not None
@@ -414,8 +531,9 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         )
         seg_logits = sample_indices = seg_targets = None
         if wants_seg:
+            seg_features = self.select_seg_scan(patch_features, scan_mask, seg_scan_index)  # (B, N, E_vis)
             seg_logits, sample_indices = self.forward_seg(
-                lm_outputs.hidden_states[-1], input_ids, patch_features, has_mask
+                lm_outputs.hidden_states[-1], input_ids, seg_features, has_mask
             )
             seg_targets = seg_masks[sample_indices.to(seg_masks.device)].to(seg_logits.device)
         losses = {}
@@ -439,14 +557,18 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         prompt_length: int,
         prompt_attention_mask: torch.Tensor | None = None,
+        scan_mask: torch.Tensor | None = None,
+        seg_scan_index=0,
     ) -> list[torch.Tensor | None]:
         """Mask logits for generated sequences: one forward over prompt + answer, then the seg head at `[SEG]`.
 
         Args:
             sequences (`torch.LongTensor` of shape `(B, L_prompt + L_new)`): output of `generate`.
-            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): the volumes of the prompts.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): the prompts' images.
             prompt_length (`int`): `L_prompt`; only `[SEG]` tokens after it count.
             prompt_attention_mask (`torch.Tensor` of shape `(B, L_prompt)`, *optional*): the prompts' padding mask.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*), seg_scan_index (`int` or `(B,)`, defaults to 0):
+                for studies, the real scans and the scan each mask is decoded on.
 
         Returns:
             `list`: per sample, `(1, D, H, W)` mask logits, or `None` when its answer holds no `[SEG]`.
@@ -458,7 +580,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         generated_ids = sequences.clone()
         generated_ids[:, :prompt_length] = -1
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        inputs_embeds, patch_features, _ = self.embed_inputs(sequences, pixel_values)
+        inputs_embeds, patch_features, _ = self.embed_inputs(sequences, pixel_values, scan_mask)
         last_hidden_state = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -469,29 +591,47 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         ).hidden_states[-1]
         masks: list[torch.Tensor | None] = [None] * sequences.shape[0]
         if (generated_ids == self.config.seg_token_id).any():
-            seg_logits, sample_indices = self.forward_seg(last_hidden_state, generated_ids, patch_features)
+            seg_features = self.select_seg_scan(patch_features, scan_mask, seg_scan_index)  # (B, N, E_vis)
+            seg_logits, sample_indices = self.forward_seg(last_hidden_state, generated_ids, seg_features)
             for logits, index in zip(seg_logits, sample_indices.tolist()):
                 masks[index] = logits
         return masks
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, return_masks: bool = False, **kwargs):
+    def generate(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        return_masks: bool = False,
+        scan_mask=None,
+        seg_scan_index=0,
+        **kwargs,
+    ):
         r"""
         `GenerationMixin.generate` (KV cache, greedy or sampling, left-padded batches), plus masks on request.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(B, L)`), pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`),
-            attention_mask (`torch.Tensor` of shape `(B, L)`): as built by `VoxLMProcessor`.
+            input_ids (`torch.LongTensor` of shape `(B, L)`), pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`, or
+            `(B, S, C, D, H, W)` for studies), attention_mask (`torch.Tensor` of shape `(B, L)`): as built by
+            `VoxLMProcessor`.
             return_masks (`bool`, defaults to `False`): return a [`VoxLMGenerateOutput`] whose `masks` hold, per sample,
                 mask logits `(1, D, H, W)` when the answer holds `[SEG]`.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` for real scans.
+            seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): for studies, the scan the
+                masks are decoded on.
         """
+        if scan_mask is not None:
+            kwargs["scan_mask"] = scan_mask  # a model input like pixel_values; unused after the prefill step
         if not return_masks:
             return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
         if self.seg_head is None:
             raise ValueError("return_masks=True needs a model with a segmentation head (config.seg_config)")
         kwargs["return_dict_in_generate"] = True
         output = super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-        masks = self.predict_masks(output.sequences, pixel_values, input_ids.shape[1], attention_mask)
+        masks = self.predict_masks(
+            output.sequences, pixel_values, input_ids.shape[1], attention_mask, scan_mask, seg_scan_index
+        )
         return VoxLMGenerateOutput(sequences=output.sequences, masks=masks)
 
     @classmethod
@@ -506,6 +646,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         pooling_size=2,
         vision_config: VoxViTConfig | None = None,
         text_kwargs: dict | None = None,
+        max_study_scans: int = 1,
     ) -> "VoxLMForConditionalGeneration":
         """Assemble a VoxLM from a pretrained encoder and a pretrained causal LM (local folders, Hub ids or models).
 
@@ -523,6 +664,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             projector_type (`str`, defaults to `"spp"`), pooling_size (`int`, defaults to 2): the projector.
             vision_config (`VoxViTConfig`, *optional*): used when `vision_model` is `None`.
             text_kwargs (`dict`, *optional*): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `gguf_file`).
+            max_study_scans (`int`, defaults to 1): most scans of a study per prompt (`VoxLMConfig.max_study_scans`).
         """
         if isinstance(vision_model, str):
             vision_model = VoxViTModel.from_pretrained(vision_model)
@@ -537,6 +679,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             seg_config=seg_config,
             projector_type=projector_type,
             pooling_size=pooling_size,
+            max_study_scans=max_study_scans,
             **{key: value for key, value in token_ids.items() if key != "pad_token_id"},
             pad_token_id=token_ids.get("pad_token_id"),
         )
@@ -570,6 +713,7 @@ __all__ = [
     "VoxSegHead",
     "SpatialPoolingProjector",
     "LinearProjector",
+    "VoxLMProjector",
     "VoxLMCausalLMOutputWithPast",
     "VoxLMGenerateOutput",
     "resize_embeddings_to_mean",
