@@ -16,6 +16,7 @@ from voxlm.training.data import (
     write_phantom_dataset,
 )
 from voxlm.training.data.hub_format import SCHEMA, write_shards
+from voxlm.training.data.streaming import STREAM_CLOSE_SLEEP_S
 from voxlm.training.data.phantoms import HU_BLOOD, SIZES, box_of
 
 CASES = [generate_case(seed, shape=(32, 64, 64)) for seed in range(60)]
@@ -107,6 +108,23 @@ def test_two_processes_each_see_every_sample_exactly_once(phantom_dir):
     everything = [row["id"] for row in stream_rows(phantom_dir, "vqa", "train")]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(everything)
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_closing_a_stream_sleeps_briefly_and_restores_datasets_setting(phantom_dir, monkeypatch, limit):
+    """`datasets` sleeps 5 s whenever a shuffled multi-shard stream closes; training closes one per epoch."""
+    import datasets.config
+    import datasets.iterable_dataset
+
+    num_rows = len(list(stream_rows(phantom_dir, "vqa", "train")))
+    sleeps = []
+    monkeypatch.setattr(datasets.iterable_dataset.time, "sleep", sleeps.append)
+    before = datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN
+    rows = stream_rows(phantom_dir, "vqa", "train", shuffle_buffer=16)
+    samples = list(PreprocessedStream(rows, VoxVolumeProcessor(image_size=(8, 16, 16)), limit=limit))
+    assert len(samples) == (limit or num_rows)
+    assert sleeps and max(sleeps) <= STREAM_CLOSE_SLEEP_S < before
+    assert datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN == before
 
 
 def test_planted_corrupt_rows_are_skipped_and_counted(phantom_dir, tmp_path, caplog):

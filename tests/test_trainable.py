@@ -2,10 +2,16 @@
 
 import pytest
 import torch
-from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, VOCAB_SIZE, tiny_voxlm_config
+from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, VOCAB_SIZE, tiny_vision_config, tiny_voxlm_config
 
-from voxlm.modeling import VoxLMForConditionalGeneration
-from voxlm.training.trainable import LoraSettings, apply_lora, freeze_for_align, llm_linear_names
+from voxlm.modeling import VoxCLIPModel, VoxLMForConditionalGeneration
+from voxlm.training.trainable import (
+    LoraSettings,
+    apply_lora,
+    freeze_for_align,
+    freeze_text_layers,
+    llm_linear_names,
+)
 
 
 def batch():
@@ -54,3 +60,17 @@ def test_lora_trains_adapters_projector_seg_head_and_new_tokens_and_saves_them(t
     assert (tmp_path / "adapter_model.safetensors").is_file()
     merged = model.merge_and_unload()
     assert type(merged) is VoxLMForConditionalGeneration
+
+
+@pytest.mark.parametrize("trainable_layers", [0, 2])
+def test_locking_the_text_encoder_trains_only_its_top_layers_and_the_rest_of_voxclip(minilm_dir, trainable_layers):
+    model = VoxCLIPModel.from_vision_text_pretrained(None, str(minilm_dir), vision_config=tiny_vision_config(),
+                                                     projection_dim=16)
+    freeze_text_layers(model, trainable_layers)
+    num_layers = len(model.text_model.encoder.layer)
+    trained_text = {name.split(".")[2] for name, p in model.text_model.named_parameters() if p.requires_grad}
+    assert trained_text == {str(index) for index in range(num_layers - trainable_layers, num_layers)}
+    others = [p for name, p in model.named_parameters() if not name.startswith("text_model.")]
+    assert all(p.requires_grad for p in others)  # vision tower, both projections, logit scale
+    with pytest.raises(ValueError, match="between 0 and the text encoder's 6 layers"):
+        freeze_text_layers(model, num_layers + 1)

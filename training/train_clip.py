@@ -1,8 +1,12 @@
 """Stage `pretrain-clip`: VoxCLIP on streamed volume-report pairs (M3D-CLIP), with MG-3D's terms (inter-patient,
 text-guided masked-volume reconstruction, image-guided MLM) and COLIPRI's (report generation, masked-image modelling on
-image-only volumes mixed in from a second dataset) as options; every extra term is off by default.
+image-only volumes mixed in from a second dataset) as options; every extra term is off by default. With
+`data.config=study` it pre-trains on whole studies instead (HLIP, seed 001): each step sees a random subset of at most
+`data.max_series` series of each study, in random order, and the report's sentences shuffled.
 
     voxlm train pretrain-clip --config training/configs/clip_phantoms.yaml run.max_steps=200
+    voxlm train pretrain-clip --config training/configs/clip_phantoms.yaml data.config=study data.max_series=4 \
+        "model.vision_config={..., max_scans: 4, attention_levels: scan_study}"
     accelerate launch --num_processes 8 -m voxlm.training.train_clip --config my_clip.yaml
 """
 
@@ -23,7 +27,9 @@ from voxlm.model_cards import voxclip_card_for_run
 from voxlm.modeling import VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
+from voxlm.training.data.studies import StudyCollator, StudySampling
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training, save_final
+from voxlm.training.trainable import freeze_text_layers
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ class ClipModelSettings:
         image_size (`list[int]`): the volume size `(D, H, W)`.
         text (`str`, *optional*): a BERT-like folder / Hub id; `None` uses the packaged MiniLM (offline).
         text_dropout (`float`, *optional*): overrides the text encoder's dropout.
+        text_trainable_layers (`int`, *optional*): train only the top N layers of the text encoder (0: lock it, only
+            the text projection trains); `None` trains all of it.
         projection_dim (`int`), text_pooling (`str`), contrastive_loss (`str`), inter_patient_loss_weight (`float`),
             mvr_loss_weight (`float`), mim_loss_weight (`float`), mlm_loss_weight (`float`), report_gen_loss_weight
             (`float`): see `VoxCLIPConfig` (0 turns a term off).
@@ -51,6 +59,7 @@ class ClipModelSettings:
     image_size: list[int] = field(default_factory=lambda: [32, 256, 256])
     text: str | None = None
     text_dropout: float | None = None
+    text_trainable_layers: int | None = None
     projection_dim: int = 512
     text_pooling: str = "mean"
     contrastive_loss: str = "infonce"
@@ -65,10 +74,13 @@ class ClipModelSettings:
 
 @dataclass
 class ClipDataSettings:
-    """Where the pairs come from: a dataset folder or Hub id in voxlm's format (its `cap` config).
+    """Where the pairs come from: a dataset folder or Hub id in voxlm's format.
 
     Args:
         path (`str`), split (`str`): the paired data; rows whose report is empty count as image-only.
+        config (`str`): `"cap"` (one volume per report) or `"study"` (whole studies, `voxlm.training.data.studies`:
+            the model's `vision_config` needs `max_scans >= max_series`).
+        max_series (`int`): with `config="study"`, the most series per study and step (HLIP samples a random subset).
         shuffle_buffer (`int`), max_text_length (`int`): shuffling and report truncation.
         max_samples (`int`, *optional*): train on the first `max_samples` paired rows only (data-scaling studies).
         mlm_probability (`float`): share of report tokens masked when `model.mlm_loss_weight > 0` (BERT's 15%).
@@ -80,6 +92,8 @@ class ClipDataSettings:
 
     path: str = ""
     split: str = "train"
+    config: str = "cap"
+    max_series: int = 4
     shuffle_buffer: int = 256
     max_text_length: int = 128
     max_samples: int | None = None
@@ -112,6 +126,7 @@ def build_clip(settings: ClipModelSettings):
         mlm_loss_weight=settings.mlm_loss_weight, report_gen_loss_weight=settings.report_gen_loss_weight,
         **settings.clip_config,
     )
+    freeze_text_layers(model, settings.text_trainable_layers)
     processor = VoxVolumeProcessor(image_size=tuple(model.config.vision_config.image_size), ct_window=settings.ct_window)
     return model, processor, AutoTokenizer.from_pretrained(text)
 
@@ -126,9 +141,9 @@ def clip_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def clip_rows(data: ClipDataSettings, rank: int, world_size: int, seed: int):
-    """This process's rows: the paired data, interleaved with image-only rows (reports dropped) when
-    `data.image_only_path` is set."""
-    rows = stream_rows(data.path, "cap", data.split, rank, world_size, data.shuffle_buffer, seed=seed,
+    """This process's rows: the paired data (volume rows or study rows, `data.config`), interleaved with image-only
+    rows (reports dropped) when `data.image_only_path` is set."""
+    rows = stream_rows(data.path, data.config, data.split, rank, world_size, data.shuffle_buffer, seed=seed,
                        limit=data.max_samples)
     if not data.image_only_path:
         return rows
@@ -142,12 +157,33 @@ def clip_rows(data: ClipDataSettings, rank: int, world_size: int, seed: int):
                                stopping_strategy="first_exhausted")
 
 
+def check_study_settings(settings: ClipSettings, model: VoxCLIPModel) -> None:
+    """Raise `ValueError` naming the setting when `data.config` cannot train this model."""
+    data = settings.data
+    if data.config not in ("cap", "study"):
+        raise ValueError(f"data.config must be 'cap' (volume-report pairs) or 'study' (whole studies), got "
+                         f"{data.config!r}")
+    if data.config != "study":
+        return
+    max_scans = model.config.vision_config.max_scans
+    if not 1 <= data.max_series <= max_scans:
+        raise ValueError(f"data.max_series ({data.max_series}) must lie in [1, model.vision_config.max_scans = "
+                         f"{max_scans}]; raise max_scans to train on more series per study")
+    if model.config.builds_volume_decoder:
+        raise ValueError("data.config=study: model.mvr_loss_weight and model.mim_loss_weight reconstruct single "
+                         "volumes; set them to 0 for studies")
+    if data.image_only_path:
+        raise ValueError("data.config=study: data.image_only_path mixes in single volumes, which a batch of studies "
+                         "cannot hold; leave it empty")
+
+
 def train(settings: ClipSettings) -> Path:
     """Run the stage; return the folder of the final model (weights, config, code, processor, tokenizer)."""
     if not settings.data.path:
         raise ValueError("data.path is required: a dataset folder or Hub id in voxlm's format")
     set_seed(settings.run.seed)
     model, processor, tokenizer = build_clip(settings.model)
+    check_study_settings(settings, model)
     accelerator = build_accelerator(settings.run)
     data = settings.data
     if settings.model.mim_loss_weight > 0 and not data.image_only_path:
@@ -161,10 +197,16 @@ def train(settings: ClipSettings) -> Path:
     def batches_for_epoch(epoch: int):
         seed = settings.run.seed + epoch
         rows = clip_rows(data, accelerator.process_index, accelerator.num_processes, seed)
-        # A collator per epoch and process: its masks depend only on the batches collated in this epoch.
+        # A collator per epoch and process: its masks (and study samples) depend only on the batches of this epoch.
+        collator_seed = seed * accelerator.num_processes + accelerator.process_index
+        studies = None
+        if data.config == "study":
+            # Study rows go to the collator whole: it samples their series and preprocesses each with its window.
+            studies = StudyCollator(processor, StudySampling(max_series=data.max_series), seed=collator_seed)
         collator = ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability, num_patches,
-                                       seed=seed * accelerator.num_processes + accelerator.process_index)
-        return torch.utils.data.DataLoader(PreprocessedStream(rows, processor), batch_size=settings.run.batch_size,
+                                       seed=collator_seed, studies=studies)
+        samples = rows if studies is not None else PreprocessedStream(rows, processor)
+        return torch.utils.data.DataLoader(samples, batch_size=settings.run.batch_size,
                                            num_workers=settings.run.num_workers, collate_fn=collator)
 
     model, _, accelerator = run_training(model, batches_for_epoch, clip_train_step, settings.run, accelerator,

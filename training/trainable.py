@@ -1,6 +1,7 @@
-"""Which parameters each MLLM stage trains (seed 002, section 3): alignment trains the projector and the new token
-embeddings only; fine-tuning adds LoRA on the LLM's linear layers (through PEFT's own switches), the segmentation head
-and, optionally, the encoder."""
+"""Which parameters each stage trains. MLLM stages (seed 002, section 3): alignment trains the projector and the new
+token embeddings only; fine-tuning adds LoRA on the LLM's linear layers (through PEFT's own switches), the segmentation
+head and, optionally, the encoder. VoxCLIP pre-training may lock all or the lower layers of its pre-trained text
+encoder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from voxlm.modeling import VoxLMForConditionalGeneration
+from voxlm.modeling import VoxCLIPModel, VoxLMForConditionalGeneration
 
 
 def new_token_ids(model: VoxLMForConditionalGeneration) -> list[int]:
@@ -32,6 +33,27 @@ def freeze_for_align(model: VoxLMForConditionalGeneration) -> None:
     row_mask = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
     row_mask[new_token_ids(model)] = 1.0
     embeddings.register_hook(lambda grad: grad * row_mask.to(grad.dtype))
+
+
+def freeze_text_layers(model: VoxCLIPModel, trainable_layers: int | None) -> None:
+    """Lock VoxCLIP's text encoder except its top `trainable_layers` transformer layers (`None`: train it all).
+
+    With 0 the pre-trained text tower is locked and only its projection trains: the image encoder learns to meet a
+    fixed text space, which needs far less compute per step (no backward through the text encoder) and keeps the
+    language knowledge of the pre-trained model on small data.
+    """
+    if trainable_layers is None:
+        return
+    layers = getattr(getattr(model.text_model, "encoder", None), "layer", None)
+    if layers is None:
+        raise ValueError(f"text_trainable_layers needs a BERT-like text encoder with `encoder.layer`; "
+                         f"{type(model.text_model).__name__} has none")
+    if not 0 <= trainable_layers <= len(layers):
+        raise ValueError(f"text_trainable_layers must be between 0 and the text encoder's {len(layers)} layers "
+                         f"(or None for all), got {trainable_layers}")
+    model.text_model.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        layer.requires_grad_(True)
 
 
 @dataclass
