@@ -1,6 +1,6 @@
 """Volumes in, tensors out: readers, the volume processor, and the volume + text processor."""
 
-from .image_processing_voxlm import CT_WINDOWS, VolumeMetadata, VoxVolumeProcessor, resize_volume
+from .image_processing_voxlm import CT_WINDOWS, VolumeMetadata, VoxVolumeProcessor, pad_studies, resize_volume
 from .processing_voxlm import (
     BOX_END_TOKEN,
     BOX_START_TOKEN,
@@ -11,7 +11,7 @@ from .processing_voxlm import (
     format_box,
     parse_boxes,
 )
-from .readers import Volume, VolumeError, read_volume, safe_extract_zip
+from .readers import Study, Volume, VolumeError, read_study, read_volume, safe_extract_zip
 
 __all__ = [
     "CT_WINDOWS",
@@ -19,6 +19,7 @@ __all__ = [
     "SEG_TOKEN",
     "BOX_START_TOKEN",
     "BOX_END_TOKEN",
+    "Study",
     "Volume",
     "VolumeError",
     "VolumeMetadata",
@@ -26,7 +27,9 @@ __all__ = [
     "VoxVolumeProcessor",
     "add_voxlm_tokens",
     "format_box",
+    "pad_studies",
     "parse_boxes",
+    "read_study",
     "read_volume",
     "resize_volume",
     "safe_extract_zip",

@@ -7,6 +7,8 @@ Steps, each recorded in `preprocessor_config.json`:
     -> resize to `image_size` (trilinear; masks nearest) -> (1, D, H, W) float32
 
 Training collators, evaluation, the CLI and the Space all call it, so a saved model carries its exact preprocessing.
+A study (several series) goes through the same steps series by series, and studies are zero-padded to one number of
+scans with a `scan_mask`: `(B, S, 1, D, H, W)`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .readers import DEFAULT_MAX_VOXELS, Volume, VolumeError, read_volume
+from .readers import DEFAULT_MAX_VOXELS, Study, Volume, VolumeError, read_study, read_volume
 
 # Hounsfield windows as (low, high) = (level - width / 2, level + width / 2).
 CT_WINDOWS = {
@@ -56,6 +58,24 @@ def resize_volume(array: np.ndarray | torch.Tensor, size, mode: str = "trilinear
         return tensor[0, 0]
     align = False if mode == "trilinear" else None
     return F.interpolate(tensor, size=tuple(size), mode=mode, align_corners=align)[0, 0]
+
+
+def pad_studies(studies: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad studies to the longest one.
+
+    Args:
+        studies (`list[torch.Tensor]`): each `(S_i, C, D, H, W)`.
+
+    Returns:
+        `(pixel_values (B, S, C, D, H, W), scan_mask (B, S))` with `S = max S_i` and `scan_mask` `True` for real scans.
+    """
+    num_scans = max(study.shape[0] for study in studies)
+    pixel_values = torch.zeros(len(studies), num_scans, *studies[0].shape[1:])  # (B, S, C, D, H, W)
+    scan_mask = torch.zeros(len(studies), num_scans, dtype=torch.bool)  # (B, S)
+    for index, study in enumerate(studies):
+        pixel_values[index, : study.shape[0]] = study
+        scan_mask[index, : study.shape[0]] = True
+    return pixel_values, scan_mask
 
 
 class VoxVolumeProcessor(BaseImageProcessor):
@@ -175,6 +195,12 @@ class VoxVolumeProcessor(BaseImageProcessor):
         # "nearest-exact" samples voxel centres; plain "nearest" shifts masks by up to a voxel towards the origin.
         return resize_volume(binary, self.image_size, mode="nearest-exact")[None]
 
+    def mask_targets(self, masks: list, metadata: list[VolumeMetadata]) -> dict[str, torch.Tensor]:
+        """`seg_masks (B, 1, D, H, W)` (zeros where a mask is `None`) and `has_mask (B,)`, one mask per volume."""
+        empty = torch.zeros(1, *self.image_size)
+        seg_masks = [empty if m is None else self.preprocess_mask(m, meta) for m, meta in zip(masks, metadata)]
+        return {"seg_masks": torch.stack(seg_masks), "has_mask": torch.tensor([m is not None for m in masks])}
+
     def postprocess_mask(self, mask, metadata: VolumeMetadata, threshold: float = 0.5) -> np.ndarray:
         """A mask at model resolution -> a uint8 mask on the source file's own grid.
 
@@ -256,15 +282,53 @@ class VoxVolumeProcessor(BaseImageProcessor):
         pixel_values, metadata = zip(*(self.preprocess_volume(v, modality, window) for v in volumes))
         data = {"pixel_values": torch.stack(pixel_values)}
         if masks is not None:
-            empty = torch.zeros(1, *self.image_size)
-            data["seg_masks"] = torch.stack(
-                [empty if m is None else self.preprocess_mask(m, meta) for m, meta in zip(masks, metadata)]
-            )
-            data["has_mask"] = torch.tensor([m is not None for m in masks])
+            data.update(self.mask_targets(masks, metadata))
         features = BatchFeature(data=data, tensor_type=return_tensors)
         if return_metadata:
             features["metadata"] = list(metadata)
         return features
 
+    def preprocess_studies(self, studies, masks=None, modality: str | None = None, window=None,
+                           max_series: int | None = None, return_tensors="pt", return_metadata: bool = False,
+                           **kwargs) -> BatchFeature:
+        """Preprocess studies: every series as [`preprocess_volume`] does, then the studies padded to one length.
 
-__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "resize_volume"]
+        Args:
+            studies: one study or a list of them. A study is anything `read_study` takes: a DICOM folder or `.zip`
+                holding several series, a list of files (NIfTI, DICOM, ...), a `Study`. A `str`, `Path` or `Study` is
+                one study; a list is one entry per study (so one study given as a list of files is `[[file, ...]]`).
+            masks (*optional*): per study, a mask on the grid of its first series (or `None`); adds `seg_masks` and
+                `has_mask`, the targets of `VoxLMForConditionalGeneration` with `seg_scan_index=0`.
+            modality (`str`, *optional*), window (*optional*): override the processor's settings for every series
+                (default: each series' own DICOM modality, else the processor's).
+            max_series (`int`, *optional*): refuse studies with more series (`VoxLMConfig.max_study_scans`).
+            return_metadata (`bool`, defaults to `False`): add `metadata`, per study a list of `VolumeMetadata`.
+
+        Returns:
+            `BatchFeature` with `pixel_values (B, S, 1, D, H, W)` float32 (zero-padded), `scan_mask (B, S)`,
+            `series_descriptions` (per study a list of `str`), and `seg_masks`, `has_mask`, `metadata` as asked.
+        """
+        studies = [studies] if isinstance(studies, (str, Path, Study)) else list(studies)
+        if masks is not None:
+            masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+            if len(masks) != len(studies):
+                raise ValueError(f"{len(masks)} masks were given for {len(studies)} studies")
+        read = [read_study(study, max_series=max_series, max_voxels=self.max_voxels, nan_policy=self.nan_policy)
+                for study in studies]
+        tensors, metadata = [], []
+        for study in read:
+            pixel_values, study_metadata = zip(*(self.preprocess_volume(v, modality, window) for v in study.volumes))
+            tensors.append(torch.stack(pixel_values))  # (S_i, C, D, H, W)
+            metadata.append(list(study_metadata))
+        pixel_values, scan_mask = pad_studies(tensors)
+        data = {"pixel_values": pixel_values, "scan_mask": scan_mask}
+        if masks is not None:
+            data.update(self.mask_targets(masks, [study_metadata[0] for study_metadata in metadata]))
+        features = BatchFeature(data=data, tensor_type=return_tensors)
+        features["series_descriptions"] = [study.descriptions for study in read]
+        if return_metadata:
+            features["metadata"] = metadata
+        return features
+
+
+__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "pad_studies", "resize_volume"]

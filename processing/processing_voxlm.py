@@ -1,7 +1,9 @@
 """VoxLMProcessor: a volume processor and a tokenizer that build M3D prompts, training labels, and parse answers.
 
 Prompt: `<im_patch>` x `num_image_tokens`, then the question, inside the tokenizer's chat template (a user turn) when
-it has one. Image tokens are real added special tokens that the model finds by id (never by position).
+it has one. Image tokens are real added special tokens that the model finds by id (never by position). A study of S
+series holds `S * num_image_tokens + S - 1` placeholders: the model fills them with each series' tokens and a learned
+separator between series (`VoxLMConfig.num_study_image_tokens`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class VoxLMProcessor(ProcessorMixin):
         num_image_tokens (`int`, *optional*, defaults to 256): `<im_patch>` tokens per volume
             (`VoxLMConfig.num_image_tokens`).
         image_token (`str`, *optional*, defaults to `"<im_patch>"`): the placeholder token.
+        max_study_scans (`int`, *optional*, defaults to 1): most series of a study per prompt
+            (`VoxLMConfig.max_study_scans`); larger studies are refused with a `VolumeError`.
         system_prompt (`str`, *optional*): a system turn for chat templates; `None` keeps the template's default.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
     """
@@ -81,21 +85,29 @@ class VoxLMProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 256,
         image_token: str = IMAGE_TOKEN,
+        max_study_scans: int = 1,
         system_prompt: str | None = None,
         chat_template=None,
         **kwargs,
     ):
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
+        self.max_study_scans = int(max_study_scans)
         self.system_prompt = system_prompt
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; call add_voxlm_tokens(tokenizer) first")
 
-    def build_prompt(self, question: str) -> str:
-        """The text of one prompt: image placeholders and the question, in the chat template when there is one."""
-        content = self.image_token * self.num_image_tokens + question
+    def num_study_image_tokens(self, num_scans: int) -> int:
+        """Placeholders of a study prompt: `num_image_tokens` per series and one separator between series (the count
+        `VoxLMConfig.num_study_image_tokens` gives)."""
+        return num_scans * self.num_image_tokens + num_scans - 1
+
+    def build_prompt(self, question: str, num_image_tokens: int | None = None) -> str:
+        """The text of one prompt: image placeholders (`num_image_tokens`, default one volume's) and the question, in
+        the chat template when there is one."""
+        content = self.image_token * (num_image_tokens or self.num_image_tokens) + question
         if self.tokenizer.chat_template is None:
             return content
         messages = [{"role": "user", "content": content}]
@@ -103,16 +115,20 @@ class VoxLMProcessor(ProcessorMixin):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def tokenize(self, questions: list[str], answers: list[str] | None) -> list[tuple[list[int], list[int]]]:
-        """Per sample, `(input_ids, labels)`: labels are `-100` on the prompt and cover the answer and EOS."""
+    def tokenize(
+        self, questions: list[str], answers: list[str] | None, image_token_counts: list[int] | None = None
+    ) -> list[tuple[list[int], list[int]]]:
+        """Per sample, `(input_ids, labels)`: labels are `-100` on the prompt and cover the answer and EOS.
+        `image_token_counts` gives each prompt's placeholders (studies); default: `num_image_tokens` each."""
         use_bos = self.tokenizer.chat_template is None
         samples = []
         for index, question in enumerate(questions):
-            prompt_ids = self.tokenizer(self.build_prompt(question), add_special_tokens=use_bos)["input_ids"]
+            expected = self.num_image_tokens if image_token_counts is None else image_token_counts[index]
+            prompt_ids = self.tokenizer(self.build_prompt(question, expected), add_special_tokens=use_bos)["input_ids"]
             count = prompt_ids.count(self.image_token_id)
-            if count != self.num_image_tokens:
+            if count != expected:
                 raise ValueError(
-                    f"The prompt holds {count} image tokens instead of {self.num_image_tokens}: the question must not "
+                    f"The prompt holds {count} image tokens instead of {expected}: the question must not "
                     f"contain {self.image_token!r}, and the tokenizer must keep it as one special token"
                 )
             if answers is None:
@@ -142,6 +158,7 @@ class VoxLMProcessor(ProcessorMixin):
         text=None,
         answers=None,
         masks=None,
+        studies=None,
         padding_side: str | None = None,
         return_tensors: str = "pt",
         **kwargs,
@@ -152,35 +169,58 @@ class VoxLMProcessor(ProcessorMixin):
             images (*optional*): one volume or a list (paths, arrays, tensors, `Volume`s); adds `pixel_values`.
             text (`str` or `list[str]`): the questions.
             answers (`str` or `list[str]`, *optional*): target answers; adds `labels` for training.
-            masks (*optional*): target masks on the volumes' grids; adds `seg_masks` and `has_mask`.
+            masks (*optional*): target masks on the volumes' grids (for studies: on each study's first series); adds
+                `seg_masks` and `has_mask`.
+            studies (*optional*): instead of `images`, whole studies: with one question (`text` a `str`), one study (a
+                DICOM folder or `.zip` of several series, a list of files, a `Study`); with a list of questions, a list
+                of as many studies. Adds `pixel_values (B, S, 1, D, H, W)`, `scan_mask (B, S)` and
+                `series_descriptions`, and each prompt gets the placeholders of its number of series.
             padding_side (`str`, *optional*): `"left"` (the default without answers, for generation) or `"right"`
                 (the default with answers, for training).
             **kwargs: passed to the volume processor (`modality`, `window`, `return_metadata`).
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (with images), `labels` (with answers).
+            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (with images or studies), `labels` (with
+            answers), and for studies `scan_mask` and `series_descriptions`.
         """
         if text is None:
             raise ValueError("VoxLMProcessor needs `text` (the questions)")
+        if images is not None and studies is not None:
+            raise ValueError("Give `images` (one volume per question) or `studies` (one study per question), not both")
         questions = [text] if isinstance(text, str) else list(text)
         if answers is not None:
             answers = [answers] if isinstance(answers, str) else list(answers)
             if len(answers) != len(questions):
                 raise ValueError(f"{len(answers)} answers were given for {len(questions)} questions")
         padding_side = padding_side or ("left" if answers is None else "right")
-        data = self.pad(self.tokenize(questions, answers), padding_side)
-        if answers is None:
-            del data["labels"]
-        if images is not None:
+        image_features, counts = None, None
+        if studies is not None:
+            image_features = self.process_studies(studies, isinstance(text, str), len(questions), masks, kwargs)
+            counts = [self.num_study_image_tokens(int(n)) for n in image_features["scan_mask"].sum(dim=1)]
+        elif images is not None:
             image_features = self.image_processor(images, masks=masks, return_tensors=return_tensors, **kwargs)
             if image_features["pixel_values"].shape[0] != len(questions):
                 raise ValueError(f"{image_features['pixel_values'].shape[0]} volumes for {len(questions)} questions")
+        data = self.pad(self.tokenize(questions, answers, counts), padding_side)
+        if answers is None:
+            del data["labels"]
+        if image_features is not None:
             data.update(image_features)
-        metadata = data.pop("metadata", None)
+        extras = {key: data.pop(key) for key in ("metadata", "series_descriptions") if key in data}
         features = BatchFeature(data=data, tensor_type=return_tensors)
-        if metadata is not None:
-            features["metadata"] = metadata
+        features.update(extras)
         return features
+
+    def process_studies(self, studies, single: bool, num_questions: int, masks, kwargs: dict):
+        """The volume processor's study batch for `__call__`: one study per question, at most `max_study_scans`
+        series each."""
+        if single:
+            studies = [studies]
+            masks = None if masks is None else [masks]
+        elif not isinstance(studies, (list, tuple)) or len(studies) != num_questions:
+            count = len(studies) if isinstance(studies, (list, tuple)) else 1
+            raise ValueError(f"{count} studies for {num_questions} questions: give a list with one study per question")
+        return self.image_processor.preprocess_studies(studies, masks=masks, max_series=self.max_study_scans, **kwargs)
 
     def post_process_generation(self, generated) -> list[dict]:
         """Answers from generated ids (without the prompt) or texts: clean text, parsed boxes, whether `[SEG]` appears.

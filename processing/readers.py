@@ -6,10 +6,15 @@ orientation transform are kept, so a mask predicted in the canonical layout maps
 
 Readers are the field's: nibabel (NIfTI), pydicom (DICOM series, folder or `.zip`), SimpleITK (NRRD, MHA/MHD), numpy
 (`.npy`, never unpickled). Every reader checks the voxel count in the header before it allocates the data.
+
+A study is several series of one examination: `read_study` reads a folder or `.zip` of DICOM files grouped by
+`SeriesInstanceUID`, or a list of files (each NIfTI / NRRD / `.npy` file one series, loose DICOM slices grouped by
+series), into a `Study` of canonical volumes in reading order.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import zipfile
@@ -24,6 +29,9 @@ NAN_POLICIES = ("error", "zero")
 # RAS voxel axes -> canonical (S, A, R): reverse them.
 CANONICAL_AXES = (2, 1, 0)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")
+
+logger = logging.getLogger(__name__)
 
 
 class VolumeError(ValueError):
@@ -180,25 +188,44 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _read_dicom_series(folder: Path, source: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Read one DICOM series: the largest one (ties broken by UID) when several are present, sorted by position."""
+def _dicom_image_headers(paths) -> list[tuple[Path, object]]:
+    """`(path, header)` of the DICOM image slices among `paths`: readable headers with position, orientation and
+    pixel spacing; other files (a DICOMDIR index, a readme, a dose report) are skipped."""
     import pydicom
 
     headers = []
-    for path in _dicom_files(folder):
+    for path in paths:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not DICOM (a DICOMDIR index, a readme): skip it
+        except Exception:  # not DICOM: skip it
             continue
         if "ImagePositionPatient" in header and "ImageOrientationPatient" in header and "PixelSpacing" in header:
             headers.append((path, header))
-    if not headers:
-        raise VolumeError(f"{source}: no DICOM image slices with position, orientation and pixel spacing were found")
+    return headers
+
+
+def _group_series(headers) -> dict[str, list]:
+    """Slices grouped by `SeriesInstanceUID`, in the order the headers came."""
     series: dict[str, list] = {}
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
+    return series
+
+
+def _read_dicom_series(folder: Path, source: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Read one DICOM series: the largest one (ties broken by UID) when several are present, sorted by position."""
+    headers = _dicom_image_headers(_dicom_files(folder))
+    if not headers:
+        raise VolumeError(f"{source}: no DICOM image slices with position, orientation and pixel spacing were found")
+    series = _group_series(headers)
     uid = sorted(series, key=lambda key: (-len(series[key]), key))[0]
-    slices = series[uid]
+    return _stack_dicom_slices(series[uid], source, max_voxels)
+
+
+def _stack_dicom_slices(slices, source: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Stack the `(path, header)` slices of one series into source-axis data and its RAS affine, in HU."""
+    import pydicom
+
     if len(slices) < 2:
         raise VolumeError(f"{source}: the series has a single slice; a volume needs at least 2")
     first = slices[0][1]
@@ -362,3 +389,145 @@ def _check_values(volume: Volume, nan_policy: str, allow_constant: bool) -> Volu
     if not allow_constant and volume.array.min() == volume.array.max():
         raise VolumeError(f"{volume.source}: the volume is constant ({volume.array.flat[0]}); there is nothing to see")
     return volume
+
+
+@dataclass
+class Study:
+    """The series of one study, each a `Volume` in the canonical layout, in reading order.
+
+    Args:
+        volumes (`list[Volume]`): one per series.
+        descriptions (`list[str]`): what each series is (DICOM `SeriesDescription`, else its number; a file's name).
+        source (`str`): the folder, archive or file names the study came from.
+        skipped (`list[str]`): DICOM series found but not usable as volumes (a one-slice localiser, a series with
+            missing slices, ...), each as `"description: reason"`.
+    """
+
+    volumes: list[Volume]
+    descriptions: list[str]
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+
+def _series_description(header, uid: str) -> str:
+    description = str(header.get("SeriesDescription", "") or "").strip()
+    if description:
+        return description
+    number = header.get("SeriesNumber")
+    return f"series {number}" if number not in (None, "") else f"series {uid}"
+
+
+def _dicom_study(paths, source: str, max_voxels: int, nan_policy: str) -> Study:
+    """Every usable series among DICOM files, ordered by `SeriesNumber` (then UID); unusable series are skipped."""
+    headers = _dicom_image_headers(paths)
+    if not headers:
+        raise VolumeError(f"{source}: no DICOM image slices with position, orientation and pixel spacing were found")
+    series = _group_series(headers)
+
+    def order(uid):
+        number = series[uid][0][1].get("SeriesNumber")
+        return (0, int(number), uid) if str(number or "").strip().lstrip("-").isdigit() else (1, 0, uid)
+
+    study = Study(volumes=[], descriptions=[], source=source)
+    for uid in sorted(series, key=order):
+        description = _series_description(series[uid][0][1], uid)
+        name = f"{source} [{description}]"
+        try:
+            data, affine, modality = _stack_dicom_slices(series[uid], name, max_voxels)
+            volume = _check_values(_canonical(data, affine, name, modality), nan_policy, allow_constant=False)
+        except VolumeError as error:
+            study.skipped.append(f"{description}: {str(error).removeprefix(name + ': ')}")
+            continue
+        study.volumes.append(volume)
+        study.descriptions.append(description)
+    if study.skipped:
+        logger.warning("%s: skipped series that are not volumes: %s", source, "; ".join(study.skipped))
+    if not study.volumes:
+        raise VolumeError(f"{source}: no DICOM series could be read as a volume ({'; '.join(study.skipped)})")
+    return study
+
+
+def _is_loose_dicom(item) -> bool:
+    """A path to one DICOM file (a slice), rather than a volume file or a folder / archive of a series."""
+    if not isinstance(item, (str, Path)) or not Path(item).is_file():
+        return False
+    name = Path(item).name.lower()
+    if name.endswith(".dcm"):
+        return True
+    if name.endswith(VOLUME_SUFFIXES):
+        return False
+    import pydicom
+
+    return pydicom.misc.is_dicom(item)
+
+
+def _read_study_item(source, max_voxels: int, nan_policy: str) -> Study:
+    """One source as a study: a DICOM folder or `.zip` gives all its series, anything else is one series."""
+    if isinstance(source, Study):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            return _dicom_study(_dicom_files(path), path.name, max_voxels, nan_policy)
+        if path.name.lower().endswith(".zip") and path.is_file():
+            with tempfile.TemporaryDirectory() as folder:
+                safe_extract_zip(path, Path(folder), max_bytes=max_voxels * 8)
+                return _dicom_study(_dicom_files(Path(folder)), path.name, max_voxels, nan_policy)
+    volume = read_volume(source, max_voxels=max_voxels, nan_policy=nan_policy)
+    return Study(volumes=[volume], descriptions=[volume.source], source=volume.source)
+
+
+def read_study(
+    source,
+    *,
+    max_series: int | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    nan_policy: str = "error",
+) -> Study:
+    """Read the series of one study, each into the canonical `(D, H, W)` layout.
+
+    Args:
+        source: a folder or `.zip` of DICOM files (grouped by `SeriesInstanceUID`, ordered by `SeriesNumber`); a list
+            of sources (volume files, arrays, `Volume`s, DICOM folders or archives, in the order given; loose DICOM
+            slice files are grouped by series and take the place of the first one); a single volume file or array (a
+            one-series study); or a `Study` (returned after the checks).
+        max_series (`int`, *optional*): refuse studies with more usable series (the model's `max_study_scans`).
+        max_voxels (`int`, defaults to 1024**3): per series, refuse headers that claim more voxels.
+        nan_policy (`str`, defaults to `"error"`): as in [`read_volume`].
+
+    Returns:
+        `Study`. DICOM series that cannot be read as volumes are left out and listed in `Study.skipped`; files given
+        one by one must each be readable.
+
+    Raises:
+        `VolumeError`: no usable series, too many series, or a file that cannot be read, naming the source.
+    """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise VolumeError("an empty list of files holds no study")
+        is_loose = [_is_loose_dicom(item) for item in source]
+        loose = [Path(item) for item, flag in zip(source, is_loose) if flag]
+        parts = []
+        for index, (item, flag) in enumerate(zip(source, is_loose)):
+            if not flag:
+                parts.append(_read_study_item(item, max_voxels, nan_policy))
+            elif index == is_loose.index(True):  # the loose slices' series, once, where the first one was
+                names = f"{len(loose)} DICOM file{'s' * (len(loose) > 1)}"
+                parts.append(_dicom_study(loose, names, max_voxels, nan_policy))
+        study = Study(
+            volumes=[v for part in parts for v in part.volumes],
+            descriptions=[d for part in parts for d in part.descriptions],
+            source=", ".join(part.source for part in parts),
+            skipped=[s for part in parts for s in part.skipped],
+        )
+    else:
+        study = _read_study_item(source, max_voxels, nan_policy)
+    if max_series is not None and len(study) > max_series:
+        raise VolumeError(
+            f"{study.source}: the study holds {len(study)} series ({'; '.join(study.descriptions)}), more than the "
+            f"{max_series} this model reads at once; give it at most {max_series}"
+        )
+    return study

@@ -27,6 +27,7 @@ from voxlm.processing import (
     add_voxlm_tokens,
     format_box,
     parse_boxes,
+    read_study,
     read_volume,
 )
 
@@ -233,14 +234,15 @@ def test_dicom_series_with_mixed_slices_is_refused(tmp_path):
         read_volume(dicom_series_copy(tmp_path, resize_one=True))
 
 
+@pytest.mark.parametrize("read", [read_volume, read_study], ids=["volume", "study"])
 @pytest.mark.parametrize("entry", ["../escape.dcm", "/abs/escape.dcm", "a/../../escape.dcm"])
-def test_zip_entries_that_leave_the_folder_are_refused(tmp_path, entry):
+def test_zip_entries_that_leave_the_folder_are_refused(tmp_path, entry, read):
     archive = tmp_path / "hostile.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("ok/slice.dcm", b"x")
         handle.writestr(entry, b"x")
     with pytest.raises(VolumeError, match="leave the extraction folder"):
-        read_volume(archive)
+        read(archive)
     assert not (tmp_path.parent / "escape.dcm").exists()
 
 

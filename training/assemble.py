@@ -34,6 +34,8 @@ class ModelSettings:
         seg (`bool`): build the `[SEG]` segmentation head.
         seg_config (`dict`): its settings.
         ct_window (`str`): the processor's Hounsfield window preset.
+        max_study_scans (`int`): most series of a study per prompt (`VoxLMConfig.max_study_scans`); above 1 the
+            encoder must take that many scans (`vision_config.max_scans`).
     """
 
     llm: str = "smollm2"
@@ -44,6 +46,7 @@ class ModelSettings:
     seg: bool = True
     seg_config: dict = field(default_factory=lambda: {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128})
     ct_window: str = "brain"
+    max_study_scans: int = 1
 
 
 def load_llm(name: str, vocab_size: int | None = None):
@@ -90,7 +93,9 @@ def build_voxlm(settings: ModelSettings, seed: int = 0):
         vocab_size=len(tokenizer),
         seg_config=settings.seg_config if settings.seg else None,
         pooling_size=settings.pooling_size,
+        max_study_scans=settings.max_study_scans,
     )
     image_processor = VoxVolumeProcessor(image_size=tuple(vision_model.config.image_size), ct_window=settings.ct_window)
-    processor = VoxLMProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens)
+    processor = VoxLMProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens,
+                               max_study_scans=model.config.max_study_scans)
     return model, processor

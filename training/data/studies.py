@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from voxlm.processing import pad_studies
+
 from .hub_format import SPLITS, dataset_card, decode_array, encode_array, split_of
 from .phantoms import HU_BRAIN, HU_SKULL, generate_case
 
@@ -271,12 +273,7 @@ class StudyCollator:
     def __call__(self, rows: list[dict]) -> dict:
         samples = [sample_study(row, self.sampling, self.rng) for row in rows]
         studies = [series_pixel_values(sample["series"], self.processor) for sample in samples]
-        num_scans = max(study.shape[0] for study in studies)
-        pixel_values = torch.zeros(len(studies), num_scans, *studies[0].shape[1:])  # (B, S, C, D, H, W)
-        scan_mask = torch.zeros(len(studies), num_scans, dtype=torch.bool)  # (B, S)
-        for index, study in enumerate(studies):
-            pixel_values[index, : study.shape[0]] = study
-            scan_mask[index, : study.shape[0]] = True
+        pixel_values, scan_mask = pad_studies(studies)  # (B, S, C, D, H, W), (B, S)
         return dict(pixel_values=pixel_values, scan_mask=scan_mask, reports=[sample["report"] for sample in samples])
 
 
