@@ -132,10 +132,12 @@ def run_stage(args, extra_env=None, launcher=()):
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
+# The terms computed over the gathered global batch (the masked terms draw their masks per process, so they are not).
+@pytest.mark.parametrize("terms", [[], ["model.inter_patient_loss_weight=1.0"]], ids=["infonce", "inter-patient"])
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path, terms):
     # Two shards of two reports: each of two processes streams one shard, one process streams both in order.
     write_phantom_dataset(tmp_path / "data", num_cases=4, shape=(16, 32, 32), rows_per_shard=2, test_fraction=0.0)
-    common = [f"data.path={tmp_path / 'data'}", "run.max_steps=1", *TRAIN_ARGS]
+    common = [f"data.path={tmp_path / 'data'}", "run.max_steps=1", *TRAIN_ARGS, *terms]
     single = run_stage([*common, "run.batch_size=4", f"run.output_dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     # Note: `accelerate launch --cpu --num_processes 2` starts two independent single-process runs (accelerate 1.x
