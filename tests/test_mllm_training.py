@@ -81,6 +81,21 @@ def test_merge_lora_reproduces_the_merged_model(stages, tmp_path):
         torch.testing.assert_close(ours[name], reference[name], msg=name)
 
 
+def test_full_finetune_trains_the_llm_not_the_encoder_and_saves_a_plain_model(stages, tmp_path):
+    root, aligned, _ = stages
+    tuned = finetune.train(settings([f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null",
+                                     "run.max_steps=2", f"init_from={aligned}", "lora.enabled=false",
+                                     f"run.output_dir={tmp_path}"]))
+    assert not (tuned / "adapter").exists()
+    before, after = AutoModel.from_pretrained(aligned).state_dict(), AutoModel.from_pretrained(tuned / "model")
+    changed = {name for name, p in after.state_dict().items() if not torch.equal(p, before[name])}
+    # Every LLM weight moved (not only new token rows or LoRA deltas); the encoder stayed as it was.
+    llm_weights = [name for name in before if name.startswith("language_model.model.layers.")]
+    assert llm_weights and set(llm_weights) <= changed
+    assert not any(name.startswith("vision_tower.") for name in changed)
+    assert any(name.startswith("seg_head.") for name in changed)
+
+
 def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
     root, aligned, _ = stages
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

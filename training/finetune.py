@@ -1,5 +1,6 @@
 """Stage `finetune` (seed 002, stage 2): LoRA on the LLM plus the projector, the segmentation head and optionally the
 encoder; samples with masks add Dice + BCE. Saves the adapter (PEFT format) and the merged model, both loadable.
+With `lora.enabled=false` the LLM trains fully and only the model is saved.
 
     voxlm train finetune --config training/configs/finetune_phantoms.yaml init_from=runs/align/final
     voxlm merge-lora --base runs/align/final --adapter runs/finetune/final/adapter --out merged/
@@ -15,23 +16,29 @@ from pathlib import Path
 
 from voxlm.model_cards import adapter_card_for_run, voxlm_card_for_run
 from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
-from voxlm.training.trainable import apply_lora
+from voxlm.training.trainable import prepare_finetune
 
 logger = logging.getLogger(__name__)
 
 
 def train(settings: MLLMSettings) -> Path:
-    """Run the stage; return the folder holding `adapter/` (PEFT) and `model/` (merged, loads with `AutoModel`)."""
-    model, processor, accelerator = train_stage(settings, lambda model: apply_lora(model, settings.lora), "finetune")
+    """Run the stage; return the folder holding `model/` (merged, loads with `AutoModel`) and, with LoRA, `adapter/`
+    (PEFT)."""
+    model, processor, accelerator = train_stage(settings, lambda model: prepare_finetune(model, settings.lora),
+                                                "finetune")
     final = Path(settings.run.output_dir) / "final"
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathered across ZeRO-3 shards
-    peft_model = accelerator.unwrap_model(model)
+    trained = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        peft_model.save_pretrained(final / "adapter", state_dict=state_dict)
-        adapter_card_for_run(settings, peft_model, processor, final / "adapter").save(final / "adapter" / "README.md")
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(final / "model")
+        if settings.lora.enabled:
+            trained.save_pretrained(final / "adapter", state_dict=state_dict)
+            adapter_card_for_run(settings, trained, processor, final / "adapter").save(final / "adapter" / "README.md")
+            merged = trained.merge_and_unload()
+            merged.save_pretrained(final / "model")
+        else:
+            merged = trained
+            merged.save_pretrained(final / "model", state_dict=state_dict)
         processor.save_pretrained(final / "model")
         voxlm_card_for_run(settings, merged, processor, final / "model", "finetune").save(final / "model" / "README.md")
     accelerator.wait_for_everyone()

@@ -58,9 +58,12 @@ def freeze_text_layers(model: VoxCLIPModel, trainable_layers: int | None) -> Non
 
 @dataclass
 class LoraSettings:
-    """LoRA on the LLM (seed 002: r=16, alpha=32, dropout 0.1; M3D uses 0.05).
+    """LoRA on the LLM (seed 002: r=16, alpha=32, dropout 0.1; M3D uses 0.05), or full fine-tuning.
 
     Args:
+        enabled (`bool`): `False` trains the LLM fully instead and saves a plain model (no adapter). Meant for an LLM
+            with no pre-training to preserve, such as the quickstart's randomly initialised tiny Llama: LoRA cannot
+            teach it language, since its embeddings and output head stay frozen and random.
         r (`int`), alpha (`int`), dropout (`float`): LoRA's rank, scaling and dropout.
         train_vision (`bool`): also train the encoder fully (saved with the adapter through `modules_to_save`).
         extra_modules (`list[str]`): further modules trained fully and saved with the adapter.
@@ -70,6 +73,7 @@ class LoraSettings:
             `run.mixed_precision=bf16`. `None` keeps every parameter as loaded.
     """
 
+    enabled: bool = True
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -87,6 +91,22 @@ def llm_linear_names(model: VoxLMForConditionalGeneration) -> list[str]:
         if isinstance(module, nn.Linear) and module is not output_head
     }
     return sorted(names)
+
+
+def prepare_finetune(model: VoxLMForConditionalGeneration, settings: LoraSettings):
+    """What the `finetune` stage trains: LoRA ([`apply_lora`]) or, with `settings.enabled=False`, every parameter but
+    the encoder's (unless `train_vision`).
+
+    Returns:
+        `peft.PeftModel` with LoRA, else the model itself.
+    """
+    if settings.enabled:
+        return apply_lora(model, settings)
+    model.requires_grad_(True)
+    model.vision_tower.requires_grad_(settings.train_vision)
+    if settings.frozen_dtype is not None:
+        cast_frozen(model, settings.frozen_dtype)
+    return model
 
 
 def apply_lora(model: VoxLMForConditionalGeneration, settings: LoraSettings):
