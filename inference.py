@@ -1,6 +1,8 @@
-"""Inference on one volume, shared by `voxlm predict|retrieve|classify` and the Space (`spaces/app.py`).
+"""Inference on one volume or study, shared by `voxlm predict|retrieve|classify` and the Space (`spaces/app.py`).
 
-    predict(volume, question)   -> answer text, parsed boxes, and a mask on the input's own grid when it says [SEG]
+    predict(volume, question)   -> answer text, parsed boxes, and a mask on the input's own grid when it says [SEG];
+                                   a study (several files, or a DICOM folder / .zip of several series) is answered as a
+                                   whole, and its mask and boxes are on one series of it (`mask_series`, default 0)
     retrieve(volume, reports)   -> the closest reports by VoxCLIP similarity
     classify(volume, labels)    -> zero-shot class probabilities (VoxCLIP, prompt ensembles)
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from voxlm.processing import Volume, VolumeMetadata, read_volume
+from voxlm.processing import Study, Volume, VolumeMetadata, read_study, read_volume
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,12 @@ class Prediction:
         has_seg (`bool`): whether the answer holds `[SEG]`.
         mask (`np.ndarray`, *optional*): uint8 mask on the input's own array grid (the file's shape), with `[SEG]`.
         canonical_mask (`np.ndarray` of shape `(D, H, W)`, *optional*): the same mask on the canonical grid.
-        volume (`Volume`): the input in the canonical layout (voxels included), for viewers.
-        metadata (`VolumeMetadata`): the preprocessing geometry (crop, affine, orientation).
+        volume (`Volume`): the input in the canonical layout (voxels included), for viewers; for a study, the series
+            that the mask and boxes are on.
+        metadata (`VolumeMetadata`): the preprocessing geometry (crop, affine, orientation) of that volume.
+        series (`list[str]`): for a study, the descriptions of its series in the order the model read them; else empty.
+        mask_series (`int`, *optional*): for a study, the index in `series` of the series the mask and boxes are on.
+        skipped_series (`list[str]`): for a study, DICOM series found but not readable as volumes, with the reason.
     """
 
     text: str
@@ -79,6 +85,9 @@ class Prediction:
     canonical_mask: np.ndarray | None
     volume: Volume = field(repr=False)
     metadata: VolumeMetadata = field(repr=False)
+    series: list[str] = field(default_factory=list)
+    mask_series: int | None = None
+    skipped_series: list[str] = field(default_factory=list)
 
     def save_mask(self, path: str | Path) -> Path:
         """Write the mask as NIfTI on the input's grid, with the input's affine."""
@@ -89,14 +98,17 @@ class Prediction:
         return path
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (without voxels)."""
-        return {
+        """JSON-ready summary (without voxels); studies add `series`, `mask_series` and `skipped_series`."""
+        summary = {
             "answer": self.text,
             "boxes": [[round(v, 3) for v in box] for box in self.boxes],
             "boxes_ras_mm": [np.round(corners, 2).tolist() for corners in self.boxes_world],
             "has_seg": self.has_seg,
             "mask_voxels": None if self.mask is None else int(self.mask.sum()),
         }
+        if self.series:
+            summary.update(series=self.series, mask_series=self.mask_series, skipped_series=self.skipped_series)
+        return summary
 
 
 class _StepReporter(StoppingCriteria):
@@ -164,6 +176,37 @@ def read_input(volume, volume_processor) -> Volume:
     return read_volume(volume, max_voxels=volume_processor.max_voxels, nan_policy=volume_processor.nan_policy)
 
 
+def read_study_input(source, volume_processor, max_series: int | None = None) -> Study:
+    """Read a study once, with the processor's limits: a DICOM folder or `.zip` (its series), a list of files, or a
+    single volume file (a one-series study)."""
+    return read_study(source, max_series=max_series, max_voxels=volume_processor.max_voxels,
+                      nan_policy=volume_processor.nan_policy)
+
+
+def read_predict_input(source, volume_processor, max_series: int) -> Volume | Study:
+    """What `predict` answers about: a `Volume`, or a `Study` of several series. Paths to DICOM folders and archives and
+    lists of files are read as studies; a study of one series is answered as that volume."""
+    if isinstance(source, (list, tuple, Study)) or (isinstance(source, (str, Path)) and (
+            Path(source).is_dir() or str(source).lower().endswith(".zip"))):
+        source = read_study_input(source, volume_processor, max_series)
+        return source.volumes[0] if len(source) == 1 else source
+    return read_input(source, volume_processor)
+
+
+def _generate(inputs: dict, model, processor, max_new_tokens: int, on_step, seg_scan_index: int = 0):
+    """Greedy answer `dict` (from `post_process_generation`) and mask logits `(1, D, H, W)` or `None`."""
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    prompt_length = inputs["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StepReporter(on_step, prompt_length, max_new_tokens)] if on_step else [])
+    with_seg = getattr(model, "seg_head", None) is not None
+    study = {"seg_scan_index": seg_scan_index} if "scan_mask" in inputs else {}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_masks=with_seg,
+                            stopping_criteria=criteria, **study)
+    sequences = output.sequences if with_seg else output
+    answer = processor.post_process_generation(sequences[:, prompt_length:])[0]
+    return answer, output.masks[0] if with_seg else None
+
+
 @torch.no_grad()
 def predict(
     volume,
@@ -175,17 +218,23 @@ def predict(
     window=None,
     max_new_tokens: int = 64,
     on_step: Callable[[int, int], None] | None = None,
+    mask_series: int = 0,
 ) -> Prediction:
-    """Answer a question about a volume: greedy generation, boxes parsed, and a mask when the answer holds `[SEG]`.
+    """Answer a question about a volume or a study: greedy generation, boxes parsed, and a mask when the answer holds
+    `[SEG]`.
 
     Args:
-        volume: a path (NIfTI, DICOM folder or `.zip`, NRRD/MHA, `.npy`), an array `(D, H, W)` or a `Volume`.
+        volume: a path (NIfTI, DICOM folder or `.zip`, NRRD/MHA, `.npy`), an array `(D, H, W)` or a `Volume`; or a
+            study: a DICOM folder or `.zip` holding several series, a list of files, or a `Study`. A study may hold
+            up to the model's `max_study_scans` series.
         question (`str`): the question (plain text; the processor builds the prompt).
         model, processor (*optional*): a VoxLM and its processor; `None` loads them with `load_voxlm()`.
         modality (`str`, *optional*): `"CT"` or e.g. `"MR"`; default: the file's DICOM modality, else the processor's.
         window (`str` or `(low, high)`, *optional*): overrides the processor's CT window for this volume.
         max_new_tokens (`int`, defaults to 64): the answer's length limit.
         on_step (`Callable[[int, int], None]`, *optional*): called with `(tokens so far, max_new_tokens)`.
+        mask_series (`int`, defaults to 0): for a study, the series (in reading order) that the mask is decoded on and
+            that boxes refer to.
 
     Raises:
         `VolumeError`: the volume cannot be read, naming the file and the problem.
@@ -194,29 +243,33 @@ def predict(
         raise ValueError("The question is empty; ask something about the volume")
     if model is None or processor is None:
         model, processor = load_voxlm()
-    source = read_input(volume, processor.image_processor)
-    inputs = processor(images=[source], text=[question.strip()], modality=modality, window=window,
-                       return_metadata=True)
-    metadata = inputs.pop("metadata")[0]
-    inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    prompt_length = inputs["input_ids"].shape[1]
-    criteria = StoppingCriteriaList([_StepReporter(on_step, prompt_length, max_new_tokens)] if on_step else [])
-    with_seg = getattr(model, "seg_head", None) is not None
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_masks=with_seg,
-                            stopping_criteria=criteria)
-    sequences = output.sequences if with_seg else output
-    answer = processor.post_process_generation(sequences[:, prompt_length:])[0]
     volume_processor = processor.image_processor
+    source = read_predict_input(volume, volume_processor, getattr(processor, "max_study_scans", 1))
+    study = {}
+    if isinstance(source, Study):
+        if not 0 <= mask_series < len(source):
+            raise ValueError(f"mask_series {mask_series} does not exist: the study holds {len(source)} series "
+                             f"(0 to {len(source) - 1})")
+        inputs = processor(studies=source, text=question.strip(), modality=modality, window=window,
+                           return_metadata=True)
+        study = dict(series=inputs.pop("series_descriptions")[0], mask_series=mask_series,
+                     skipped_series=source.skipped)
+        metadata, source = inputs.pop("metadata")[0][mask_series], source.volumes[mask_series]
+    else:
+        inputs = processor(images=[source], text=[question.strip()], modality=modality, window=window,
+                           return_metadata=True)
+        metadata = inputs.pop("metadata")[0]
+    answer, mask_logits = _generate(inputs, model, processor, max_new_tokens, on_step, mask_series)
     mask = canonical_mask = None
-    if with_seg and output.masks[0] is not None:
-        probabilities = output.masks[0].sigmoid().float().cpu()  # (1, D, H, W) at the model's image_size
+    if mask_logits is not None:
+        probabilities = mask_logits.sigmoid().float().cpu()  # (1, D, H, W) at the model's image_size
         canonical_mask = volume_processor.mask_to_canonical(probabilities, metadata)
         mask = metadata.volume.to_source_grid(canonical_mask)
     corners = [volume_processor.box_to_canonical(box, metadata) for box in answer["boxes"]]
     return Prediction(
         text=answer["text"], boxes=answer["boxes"], boxes_canonical=corners,
         boxes_world=[source.canonical_to_world(c) for c in corners], has_seg=answer["has_seg"], mask=mask,
-        canonical_mask=canonical_mask, volume=source, metadata=metadata,
+        canonical_mask=canonical_mask, volume=source, metadata=metadata, **study,
     )
 
 
@@ -308,6 +361,8 @@ def read_reports(path: str | Path) -> list[str]:
 # `voxlm predict | retrieve | classify`
 
 VOLUME_HELP = "a NIfTI file, a DICOM series folder or .zip, an NRRD/MHA file or a .npy array (D, H, W)"
+STUDY_HELP = (VOLUME_HELP + "; or a study: several such files, or a DICOM folder or .zip holding several series (up to "
+              "the model's max_study_scans)")
 MODALITY_HELP = "CT (Hounsfield window) or MR (percentile window); default: the file's DICOM Modality, else the model's"
 
 
@@ -318,10 +373,15 @@ def _print_result(args, result, lines: list[str]) -> None:
 
 def _run_predict(args) -> int:
     model, processor = load_voxlm(args.model)
-    prediction = predict(args.volume, args.question, model, processor, modality=args.modality, window=args.window,
-                         max_new_tokens=args.max_new_tokens)
+    source = args.volume[0] if len(args.volume) == 1 else args.volume
+    prediction = predict(source, args.question, model, processor, modality=args.modality, window=args.window,
+                         max_new_tokens=args.max_new_tokens, mask_series=args.mask_series)
     result = prediction.to_dict()
     lines = [prediction.text]
+    if prediction.series:
+        lines.append(f"study of {len(prediction.series)} series; mask and boxes on series {prediction.mask_series}:")
+        lines += [f"  {index}. {description}" for index, description in enumerate(prediction.series)]
+        lines += [f"  skipped: {reason}" for reason in prediction.skipped_series]
     for box, world in zip(result["boxes"], result["boxes_ras_mm"]):
         lines.append(f"box (z1, y1, x1, z2, y2, x2 in [0, 1]): {box}; corners in RAS mm: {world}")
     result["mask_path"] = None
@@ -366,14 +426,17 @@ def add_parsers(subparsers) -> None:
     """Register `predict`, `retrieve` and `classify` with the `voxlm` command."""
     formatter = argparse.RawDescriptionHelpFormatter
     predict_parser = subparsers.add_parser(
-        "predict", help="answer a question about a volume; write the mask when the answer holds [SEG]",
+        "predict", help="answer a question about a volume or a study; write the mask when the answer holds [SEG]",
         formatter_class=formatter,
-        description="Ask a VoxLM about one volume. Prints the answer and any boxes it holds; with --mask-out, writes "
-        "the predicted mask as NIfTI on the input's own grid and affine (when the answer holds [SEG]).\n\n"
+        description="Ask a VoxLM about one volume, or about a study (several files, or a DICOM folder or .zip holding "
+        "several series, read as series in SeriesNumber order). Prints the answer and any boxes it holds; with "
+        "--mask-out, writes the predicted mask as NIfTI on the input's own grid and affine (when the answer holds "
+        "[SEG]). For a study, the mask and boxes are on one series: --mask-series (default 0, the first).\n\n"
         "Example:\n  voxlm predict head_ct.nii.gz --question \"Segment the hemorrhage in this CT.\" "
-        "--mask-out mask.nii.gz --model voxlm-quickstart/finetune/final/model --json",
+        "--mask-out mask.nii.gz --model voxlm-quickstart/finetune/final/model --json\n"
+        "  voxlm predict study_dicom.zip --question \"Is there a hemorrhage?\" --mask-series 1",
     )
-    predict_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
+    predict_parser.add_argument("volume", metavar="VOLUME", nargs="+", help=STUDY_HELP)
     predict_parser.add_argument("--question", required=True, help="what to ask, e.g. \"Is there a hemorrhage?\"")
     predict_parser.add_argument("--mask-out", type=Path, help="where to write the mask (.nii.gz)")
     predict_parser.add_argument("--model",
@@ -382,6 +445,9 @@ def add_parsers(subparsers) -> None:
     predict_parser.add_argument("--window", help="override the model's CT window preset (brain, subdural, stroke, "
                                 "soft_tissue, lung, bone); the model was trained with its saved one")
     predict_parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    predict_parser.add_argument("--mask-series", type=int, default=0,
+                                help="for a study: the series (0 = first, in the order printed) that the mask is "
+                                "decoded on and written on the grid of, and that boxes refer to (default 0)")
     predict_parser.add_argument("--json", action="store_true", help="print the result as JSON")
     predict_parser.set_defaults(func=_guarded(_run_predict))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from voxlm.processing import CT_WINDOWS, Volume
+from voxlm.processing import CT_WINDOWS, Study, Volume
 
 MRI_WINDOW = "MRI (percentiles)"
 WINDOW_CHOICES = [*CT_WINDOWS, MRI_WINDOW]
@@ -93,3 +93,14 @@ def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0,
 def render_planes(display: np.ndarray, position, spacing=(1.0, 1.0, 1.0), mask=None, boxes=()) -> list[np.ndarray]:
     """Axial, coronal and sagittal images through `position = (d, h, w)`."""
     return [render_plane(display, plane, index, spacing, mask, boxes) for plane, index in zip(PLANES, position)]
+
+
+def describe_series(study: Study, series: int) -> str:
+    """One status line about the shown series of a study: which one it is (when there are several), its grid and
+    spacing, and the series left out."""
+    volume = study.volumes[series]
+    shape = " x ".join(str(n) for n in volume.array.shape)
+    spacing = " x ".join(f"{s:.2f}" for s in volume.spacing)
+    shown = f"series {series}. {study.descriptions[series]} of {len(study)}: " if len(study) > 1 else ""
+    skipped = "".join(f"; skipped {reason}" for reason in study.skipped)
+    return f"{shown}{shape} voxels (D x H x W), spacing {spacing} mm{skipped}"

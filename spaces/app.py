@@ -1,4 +1,5 @@
-"""voxlm demo: a CT or MRI volume in the browser; ask VoxLM about it, see its answer, boxes and mask; retrieve reports.
+"""voxlm demo: a CT or MRI volume or study in the browser; ask VoxLM about it, see its answer, boxes and mask; retrieve
+reports. A study is answered as a whole; its mask and boxes are on the series shown (picked in the Series menu).
 
 Thin by design (STYLE.md rule 15): per-visitor data lives in `gr.State`, inference is `voxlm.inference` (the same code
 as `voxlm predict`), slices are drawn by `voxlm.viewer`, and every voxel goes through the model's saved processor.
@@ -64,25 +65,33 @@ def render(view, axial, coronal, sagittal):
                                 view["boxes"])
 
 
-def load(path, window):
-    """Read a volume into a fresh per-visitor view; returns the view, the slice sliders and a status line."""
-    if not path:
-        return None, gr.skip(), gr.skip(), gr.skip(), ""
-    try:
-        size_mb = Path(path).stat().st_size / 2**20
-        if size_mb > MAX_UPLOAD_MB:
-            raise ValueError(f"{Path(path).name} is {size_mb:,.1f} MB, above this demo's limit of {MAX_UPLOAD_MB:g} MB")
-        processor = volume_processor()
-        volume = inference.read_input(path, processor)
-        view = {"path": str(path), "volume": volume, "mask": None, "boxes": [],
-                "display": viewer.display_volume(volume, processor, window)}
-    except USER_ERRORS as error:  # the message names the file; the server's upload folder stays private
-        message = str(error).replace(str(Path(path).parent) + os.sep, "")
-        return None, *[gr.Slider(value=0, maximum=1)] * 3, f"**Cannot use this file:** {message}"
+def show(study, series: int, window, path) -> tuple:
+    """A fresh per-visitor view of one series of a study, its three slice sliders and a line describing it."""
+    volume = study.volumes[series]
+    view = {"path": str(path), "study": study, "series": series, "volume": volume, "mask": None, "boxes": [],
+            "display": viewer.display_volume(volume, volume_processor(), window)}
     sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1) for n in volume.array.shape]
-    shape = " x ".join(str(n) for n in volume.array.shape)
-    spacing = " x ".join(f"{s:.2f}" for s in volume.spacing)
-    return view, *sliders, f"Loaded {Path(path).name}: {shape} voxels (D x H x W), spacing {spacing} mm"
+    return view, *sliders, viewer.describe_series(study, series)
+
+
+def load(paths, window):
+    """Read a volume or a study into a fresh per-visitor view; returns it, the series menu, sliders and a status."""
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if not paths:
+        return None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+    name = Path(paths[0]).name if len(paths) == 1 else f"{len(paths)} files"
+    try:
+        size_mb = sum(Path(path).stat().st_size for path in paths) / 2**20
+        if size_mb > MAX_UPLOAD_MB:
+            raise ValueError(f"{name} is {size_mb:,.1f} MB, above this demo's limit of {MAX_UPLOAD_MB:g} MB")
+        study = inference.read_study_input(paths[0] if len(paths) == 1 else paths, volume_processor())
+        view, *sliders, status = show(study, 0, window, paths[0])
+    except USER_ERRORS as error:  # the message names the file; the server's upload folder stays private
+        message = functools.reduce(lambda text, p: text.replace(str(Path(p).parent) + os.sep, ""), paths, str(error))
+        menu, sliders = gr.Dropdown([], value=None), [gr.Slider(value=0, maximum=1)] * 3
+        return None, menu, *sliders, f"**Cannot use this file:** {message}"
+    menu = gr.Dropdown(choices=[(f"{i}. {d}", i) for i, d in enumerate(study.descriptions)], value=0)
+    return view, menu, *sliders, f"Loaded {name}: {status}"
 
 
 def rewindow(view, window):
@@ -101,14 +110,16 @@ def ask(view, question, window, progress=gr.Progress()):
         model, processor = voxlm_model()
         progress(0, desc="Reading the volume")
         prediction = inference.predict(
-            view["volume"], question, model, processor, modality="MR" if modality == "MR" else None,
-            max_new_tokens=MAX_NEW_TOKENS, on_step=lambda done, total: progress((done, total), desc="Generating"))
+            view["study"], question, model, processor, modality="MR" if modality == "MR" else None,
+            max_new_tokens=MAX_NEW_TOKENS, on_step=lambda done, total: progress((done, total), desc="Generating"),
+            mask_series=view["series"])
     except USER_ERRORS as error:
         return view, f"**{error}**", "", None
     mask_file = None
     if prediction.mask is not None:
         folder = Path(tempfile.mkdtemp(prefix="voxlm-mask-"))
-        mask_file = str(prediction.save_mask(folder / f"{Path(view['path']).name.split('.')[0]}_mask.nii.gz"))
+        series = f"_series{view['series']}" if prediction.series else ""
+        mask_file = str(prediction.save_mask(folder / f"{Path(view['path']).name.split('.')[0]}{series}_mask.nii.gz"))
     summary = prediction.to_dict()
     boxes = "\n".join(f"- box {box} (z1, y1, x1, z2, y2, x2 in [0, 1]); RAS mm corners {world}"
                       for box, world in zip(summary["boxes"], summary["boxes_ras_mm"]))
@@ -131,14 +142,17 @@ def closest_reports(view):
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="voxlm: 3D medical VLM demo") as demo:
         gr.Markdown("# voxlm demo\nResearch only, **not for diagnosis**. Upload a CT or MRI volume (NIfTI, DICOM "
-                    "series as .zip, NRRD, .npy) or pick a bundled phantom, then ask about it.")
+                    "series as .zip, NRRD, .npy), a study (several files, a .zip of several DICOM series: answered "
+                    "as a whole, masks on the series shown) or pick a bundled phantom, then ask about it.")
         view = gr.State(None)
         with gr.Row():
-            upload = gr.File(label=f"Volume (up to {MAX_UPLOAD_MB:g} MB)", type="filepath", elem_id="upload",
-                             file_types=[".nii", ".gz", ".zip", ".nrrd", ".nhdr", ".mha", ".npy"])
+            upload = gr.File(label=f"Volume or study files (up to {MAX_UPLOAD_MB:g} MB)", type="filepath",
+                             file_count="multiple", elem_id="upload",
+                             file_types=[".nii", ".gz", ".zip", ".nrrd", ".nhdr", ".mha", ".npy", ".dcm"])
             with gr.Column():
                 bundled = gr.Dropdown(list(BUNDLED), value=None, label="or a bundled phantom case")
                 window = gr.Dropdown(viewer.WINDOW_CHOICES, value="brain", label="Window preset")
+                series = gr.Dropdown([], value=None, label="Series shown (masks are drawn on it)", elem_id="series")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
             images = [gr.Image(label=plane, type="numpy", format="png", interactive=False, elem_id=f"view-{plane}")
@@ -159,12 +173,15 @@ def build_demo() -> gr.Blocks:
 
         view_events = dict(fn=render, inputs=[view, *sliders], outputs=images, show_progress="hidden",
                            concurrency_limit=4)
-        load_outputs = [view, *sliders, status]
+        load_outputs = [view, series, *sliders, status]
         # A new volume clears the answer, mask and reports of the previous one.
         clear = dict(fn=lambda: ("", "", None, ""), outputs=[answer, boxes, mask_file, reports], show_progress="hidden")
         upload.upload(load, [upload, window], load_outputs).then(**view_events).then(**clear)
         bundled.input(lambda name, w: load(str(BUNDLED[name]) if name else None, w), [bundled, window],
                       load_outputs).then(**view_events).then(**clear)
+        # The menu lists the series of a loaded study only, so a pick always has a view to show.
+        series.input(lambda v, index, w: show(v["study"], index, w, v["path"]), [view, series, window],
+                     [view, *sliders, status]).then(**view_events).then(**clear)
         window.input(rewindow, [view, window], [view]).then(**view_events)
         for slider in sliders:
             slider.change(trigger_mode="always_last", **view_events)

@@ -2,6 +2,7 @@
 16 x 16 slices): the series as it is, a second series of the same slices with its own `SeriesInstanceUID` and
 brighter voxels, and a one-slice localiser, each series written to a sub-folder."""
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,12 @@ def write_dicom_study(folder: Path, localiser: bool = True) -> Path:
         copy_series(folder / "localiser", 1, LOCALISER, slices=1)
     (folder / "README.txt").write_text("not DICOM")
     return folder
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """`archive` holding `folder` (its name as the top entry), as a user zips a study."""
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                handle.write(path, path.relative_to(folder.parent))
+    return archive

@@ -1,5 +1,6 @@
 """`voxlm predict | retrieve | classify` and the shared inference code, on files that PyPI packages ship (nilearn's
-MNI152 T1, pydicom's CT series) and on bad input; box and mask geometry back on the input's grid; the slice viewer."""
+MNI152 T1, pydicom's CT series) and on bad input; box and mask geometry back on the input's grid; studies (several
+files, a DICOM folder or .zip of several series) with the mask on a chosen series; the slice viewer."""
 
 import json
 import zipfile
@@ -11,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from study_files import LOCALISER, SECOND_SERIES, write_dicom_study, zip_folder
 from tiny_models import DEMO_SEG_QUESTION
 
 from voxlm import cli, inference, viewer
@@ -81,6 +83,49 @@ def test_prediction_mask_reads_back_onto_the_canonical_grid(mni_path, voxlm_pair
     assert steps and [d for d, _ in steps] == list(range(1, len(steps) + 1)) and {t for _, t in steps} == {8}
 
 
+def test_predict_on_a_study_of_two_files_puts_the_mask_on_the_chosen_series(demo_model_dirs, tmp_path, capsys):
+    """nilearn's MNI152 T1 and pydicom's CT series as one study: the answer reads both, the mask is on the grid and
+    affine of the series asked for."""
+    sources = {0: nib.load(MNI152_T1), 1: read_volume(CT5N)}
+    for series, source in sources.items():
+        out = tmp_path / f"mask{series}.nii.gz"
+        result = json.loads(run_cli(["predict", str(MNI152_T1), str(CT5N), "--question", DEMO_SEG_QUESTION,
+                                     "--mask-out", str(out), "--mask-series", str(series),
+                                     "--model", str(demo_model_dirs[0]), "--json"], capsys))
+        assert result["has_seg"] and result["mask_series"] == series and result["skipped_series"] == []
+        assert result["series"] == [MNI152_T1.name, "SmartScore - Gated 0.5 sec"]
+        mask = nib.load(out)
+        assert mask.shape == (source.shape if series == 0 else source.source_shape)
+        np.testing.assert_allclose(mask.affine, source.affine)
+
+
+def test_predict_on_a_dicom_study_folder_and_zip_lists_its_series(demo_model_dirs, tmp_path, capsys):
+    folder = write_dicom_study(tmp_path / "study")
+    archive = zip_folder(folder, tmp_path / "study.zip")
+    printed = [run_cli(["predict", str(source), "--question", DEMO_SEG_QUESTION, "--model", str(demo_model_dirs[0])],
+                       capsys) for source in (folder, archive)]
+    assert printed[0] == printed[1]
+    lines = printed[0].splitlines()
+    assert "[SEG]" in lines[0] and lines[1] == "study of 2 series; mask and boxes on series 0:"
+    assert lines[2:4] == ["  0. SmartScore - Gated 0.5 sec", f"  1. {SECOND_SERIES}"]
+    assert lines[4].startswith(f"  skipped: {LOCALISER}: the series has a single slice")
+
+
+def test_one_series_study_answers_like_the_volume(voxlm_pair, mni_path):
+    alone = inference.predict(mni_path, DEMO_SEG_QUESTION, *voxlm_pair, modality="MR", max_new_tokens=8)
+    listed = inference.predict([mni_path], DEMO_SEG_QUESTION, *voxlm_pair, modality="MR", max_new_tokens=8)
+    assert alone.mask is not None and listed.text == alone.text and not listed.series and listed.mask_series is None
+    np.testing.assert_array_equal(listed.mask, alone.mask)
+
+
+def test_study_prediction_returns_the_chosen_series_for_viewers(voxlm_pair, mni_path):
+    study = inference.read_study_input([CT5N, mni_path], voxlm_pair[1].image_processor)
+    prediction = inference.predict(study, DEMO_SEG_QUESTION, *voxlm_pair, max_new_tokens=8, mask_series=1)
+    assert prediction.series == ["SmartScore - Gated 0.5 sec", "mni152_t1.nii.gz"] and prediction.mask_series == 1
+    assert prediction.volume is study.volumes[1] and prediction.canonical_mask.shape == study.volumes[1].array.shape
+    assert prediction.to_dict()["series"] == prediction.series
+
+
 def test_answer_without_seg_has_no_mask(voxlm_pair, tmp_path):
     model, processor = voxlm_pair
     volume = torch.rand(16, 48, 48) * 80
@@ -145,6 +190,11 @@ def test_classify_gives_a_distribution_over_the_labels(demo_model_dirs, tmp_path
         (["retrieve", "{mni}", "--reports", "{tmp}/missing.json", "--model", "{clip}"], "no such reports file"),
         (["retrieve", "{mni}", "--reports", "{tmp}/empty.json", "--model", "{clip}"], "holds no reports"),
         (["classify", "{mni}", "--labels", "a,b", "--model", "{voxlm}"], "not a VoxCLIP"),
+        (["predict", "{mni}", "{mni}", "{mni}", "--question", "hi", "--model", "{voxlm}"],
+         "the study holds 3 series (mni152_t1.nii.gz; mni152_t1.nii.gz; mni152_t1.nii.gz), more than the 2"),
+        (["predict", "{mni}", "{mni}", "--question", "hi", "--mask-series", "2", "--model", "{voxlm}"],
+         "mask_series 2 does not exist: the study holds 2 series (0 to 1)"),
+        (["predict", "{tmp}", "--question", "hi", "--model", "{voxlm}"], "no DICOM image slices"),
     ],
 )
 def test_bad_input_ends_with_a_message_not_a_traceback(argv, message, mni_path, demo_model_dirs, tmp_path):

@@ -2,13 +2,11 @@
 copy), lists of NIfTI / DICOM files (nilearn's MNI152), padding and scan masks, prompts with one set of placeholders
 per series, and the errors for unusable input."""
 
-import zipfile
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from study_files import CT5N, LOCALISER, SECOND_SERIES, copy_series, write_dicom_study
+from study_files import CT5N, LOCALISER, SECOND_SERIES, copy_series, write_dicom_study, zip_folder
 
 import voxlm  # noqa: F401  (registers the processors)
 from voxlm.processing import (
@@ -36,14 +34,6 @@ def mni_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
     nib.save(load_mni152_template(resolution=4), path)
     return path
-
-
-def zip_folder(folder, archive):
-    with zipfile.ZipFile(archive, "w") as handle:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                handle.write(path, path.relative_to(folder.parent))
-    return archive
 
 
 def test_dicom_folder_and_zip_read_as_series_by_uid_in_series_number_order(dicom_study, tmp_path):

@@ -73,8 +73,8 @@ def test_app_is_thin_with_per_visitor_state_and_a_queue():
 
 def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
     name = next(iter(app.BUNDLED))
-    view, axial, coronal, sagittal, status = app.load(str(app.BUNDLED[name]), "brain")
-    assert status.startswith(f"Loaded {name}: 32 x 96 x 96 voxels")
+    view, menu, axial, coronal, sagittal, status = app.load(str(app.BUNDLED[name]), "brain")
+    assert status.startswith(f"Loaded {name}: 32 x 96 x 96 voxels") and menu.choices == [(f"0. {name}", 0)]
     assert (axial.value, coronal.value, sagittal.value) == (16, 48, 48)
     before = app.render(view, 16, 48, 48)
     assert len(before) == 3 and all(red_pixels(image) == 0 for image in before)
@@ -87,6 +87,37 @@ def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
     assert reports.startswith("1. (") and len(reports.splitlines()) == 3 and "phantom-9000" in reports
 
 
+def test_study_of_several_files_answers_and_draws_the_mask_on_the_series_shown(app, tmp_path):
+    bundled = next(iter(app.BUNDLED.values()))  # 32 x 96 x 96
+    small = write_phantom(tmp_path / "small.nii.gz", shape=(16, 48, 48))
+    view, menu, *sliders, status = app.load([str(small), str(bundled)], "brain")
+    assert menu.choices == [("0. small.nii.gz", 0), (f"1. {bundled.name}", 1)] and menu.value == 0
+    assert status.startswith("Loaded 2 files: series 0. small.nii.gz of 2: 16 x 48 x 48 voxels")
+    assert [slider.maximum for slider in sliders] == [15, 47, 47]
+    for series, source in ((0, small), (1, bundled)):
+        if series:
+            view, *sliders, status = app.show(view["study"], series, "brain", view["path"])
+            assert status.startswith(f"series 1. {bundled.name} of 2: 32 x 96 x 96") and sliders[0].maximum == 31
+        view, answer, boxes, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
+        assert "[SEG]" in answer and mask_file.endswith(f"small_series{series}_mask.nii.gz")
+        mask, image = nib.load(mask_file), nib.load(source)
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+        assert view["mask"].shape == view["volume"].array.shape and view["mask"].any()
+        assert any(red_pixels(plane) > 0 for plane in app.render(view, *(n // 2 for n in view["mask"].shape)))
+
+
+def test_dicom_study_zip_lists_its_series_and_what_was_skipped(app, tmp_path):
+    from study_files import LOCALISER, SECOND_SERIES, write_dicom_study, zip_folder
+
+    archive = zip_folder(write_dicom_study(tmp_path / "study"), tmp_path / "study.zip")
+    view, menu, *_, status = app.load([str(archive)], "bone")
+    assert [label for label, _ in menu.choices] == ["0. SmartScore - Gated 0.5 sec", f"1. {SECOND_SERIES}"]
+    assert status.startswith("Loaded study.zip: series 0. SmartScore - Gated 0.5 sec of 2: 5 x 16 x 16 voxels")
+    assert f"skipped {LOCALISER}: the series has a single slice" in status
+    _, answer, _, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
+    assert "[SEG]" in answer and nib.load(mask_file).shape == (16, 16, 5)
+
+
 def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
     monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.001)
     view, *_, status = app.load(str(write_phantom(tmp_path / "phantom.nii.gz")), "brain")
@@ -95,6 +126,13 @@ def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
     (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
     view, *_, status = app.load(str(tmp_path / "corrupt.nii.gz"), "brain")
     assert view is None and status.startswith("**Cannot use this file:** corrupt.nii.gz: not a readable NIfTI")
+    phantom = tmp_path / "phantom.nii.gz"
+    view, *_, status = app.load([str(phantom), str(phantom), str(phantom)], "brain")  # the demo model reads 2
+    _, answer, *_ = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
+    assert answer.startswith("**phantom.nii.gz, phantom.nii.gz, phantom.nii.gz: the study holds 3 series")
+    monkeypatch.setattr(app, "MAX_UPLOAD_MB", phantom.stat().st_size * 2.5 / 2**20)  # two fit, three do not
+    view, *_, status = app.load([str(phantom)] * 3, "brain")
+    assert view is None and status.startswith("**Cannot use this file:** 3 files is") and str(tmp_path) not in status
     assert "Load a volume first" in app.ask(None, "Is there a hemorrhage?", "brain", progress=lambda *a, **k: None)[1]
 
 

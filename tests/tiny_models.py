@@ -62,18 +62,22 @@ def tiny_voxlm_config(kind: str = "llama", seg: bool = True, **overrides) -> Vox
 DEMO_IMAGE_SIZE = [8, 32, 32]
 DEMO_VISION = dict(patch_size=[2, 8, 8], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=4)
+DEMO_MAX_STUDY_SCANS = 2
 DEMO_SEG_QUESTION = "Segment the brain in this CT."
 DEMO_SEG_ANSWER = "It is [SEG]."
 
 
 def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
     """A tiny VoxLM (tiny Llama with SmolLM2's tokenizer) that answers `DEMO_SEG_QUESTION` with `DEMO_SEG_ANSWER` on
-    any volume, and segments what it was trained to: saved with its processor to `folder`.
+    any volume or study of up to `DEMO_MAX_STUDY_SCANS` series, and segments what it was trained to: saved with its
+    processor to `folder`.
 
     Its projector is zeroed and frozen, so the LLM is blind to the image and its greedy answer is the same for every
     volume (a tiny model trained on two phantoms does not generalise, and the tests feed it MRI and DICOM too); the
     segmentation head still reads the encoder's patch features, and is trained for a few steps on brain masks
-    (0-100 HU) of two phantoms, a target large enough to be learnt in a few steps, so its masks are not empty.
+    (0-100 HU) of two phantoms, a target large enough to be learnt in a few steps, so its masks are not empty. The
+    batch holds each phantom alone (a one-series study, the same as the volume) and the two as one two-series study
+    (mask on its first series), so study prompts, which hold more image placeholders, get the same answer.
     Returns the phantom volumes `(D, H, W)` it was trained on."""
     import torch
 
@@ -81,15 +85,18 @@ def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
     from voxlm.training.data import generate_case
 
     model, processor = build_voxlm(ModelSettings(
-        llm="tiny-llama", image_size=DEMO_IMAGE_SIZE, vision_config=DEMO_VISION,
-        seg_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)), seed=seed)
+        llm="tiny-llama", image_size=DEMO_IMAGE_SIZE, vision_config={**DEMO_VISION, "max_scans": DEMO_MAX_STUDY_SCANS},
+        seg_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
+        max_study_scans=DEMO_MAX_STUDY_SCANS), seed=seed)
     for parameter in model.multi_modal_projector.parameters():
         parameter.data.zero_()
         parameter.requires_grad_(False)
     volumes = [generate_case(s, shape=(16, 48, 48)).volume for s in range(2)]
-    batch = processor(images=volumes, text=[DEMO_SEG_QUESTION] * len(volumes),
-                      answers=[DEMO_SEG_ANSWER] * len(volumes),
-                      masks=[((v > 0) & (v < 100)).astype("uint8") for v in volumes])
+    masks = [((v > 0) & (v < 100)).astype("uint8") for v in volumes]
+    studies = [[volume] for volume in volumes] + [list(volumes)]
+    batch = processor(studies=studies, text=[DEMO_SEG_QUESTION] * len(studies),
+                      answers=[DEMO_SEG_ANSWER] * len(studies), masks=masks + masks[:1])
+    batch.pop("series_descriptions")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(steps):
