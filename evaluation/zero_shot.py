@@ -1,5 +1,5 @@
-"""Zero-shot classification with a VoxCLIP: each class is the mean embedding of several prompts (a prompt ensemble),
-since single prompts give unstable results (as Merlin and HLIP users report)."""
+"""Zero-shot classification with a VoxCLIP, of a volume or of a whole study: each class is the mean embedding of several
+prompts (a prompt ensemble), since single prompts give unstable results (as Merlin and HLIP users report)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,20 @@ def class_embeddings(clip_model, tokenizer, class_prompts: dict[str, list[str]],
 
 
 @torch.no_grad()
-def zero_shot_probabilities(clip_model, pixel_values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Class probabilities `(B, C)` for volumes `(B, C_in, D, H, W)` against class embeddings `(C, P)`."""
-    images = F.normalize(clip_model.get_image_features(pixel_values), dim=-1)
+def zero_shot_probabilities(
+    clip_model, pixel_values: torch.Tensor, classes: torch.Tensor, scan_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class probabilities of volumes or of whole studies against class embeddings.
+
+    Args:
+        clip_model (`VoxCLIPModel`): the pre-trained pair (a study-mode encoder for studies).
+        pixel_values (`torch.Tensor` of shape `(B, C_in, D, H, W)` or `(B, S, C_in, D, H, W)`): volumes, or studies of
+            S scans (`StudyCollator` pads them).
+        classes (`torch.Tensor` of shape `(C, P)`): normalised class embeddings ([`class_embeddings`]).
+        scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` on real scans; `None`: all real.
+
+    Returns:
+        `torch.Tensor` of shape `(B, C)`: one probability per class, each row summing to 1.
+    """
+    images = F.normalize(clip_model.get_image_features(pixel_values, scan_mask=scan_mask), dim=-1)  # (B, P)
     return (clip_model.logit_scale.exp() * images @ classes.T).softmax(dim=-1)

@@ -4,6 +4,10 @@
                                                                                   InfoNCE / SigLIP, inter-patient <-+
     report ids (B, L) -> text encoder -> states (B, L, E_txt) -> CLS or mean -> text_projection -> L2 norm (B, P) --+
 
+A study (HLIP, seed 001) takes the volume's place: `(B, S, C, D, H, W)` + `scan_mask (B, S)` -> VoxViT study mode ->
+per-scan tokens `(B, S, 1 + N, E_vis)` and one study embedding (the mean of the real scans' pooled tokens), projected
+as above; the text-side terms cross-attend to the tokens of every real scan.
+
 Extra terms, each built only when its weight is above 0 (the contrastive terms use the paired rows only):
 
     mvr, mim    volume -> random 25% of patches -> VoxViT blocks -> volume_decoder (mask tokens; cross-attends to the
@@ -411,9 +415,16 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         elif isinstance(module, (VoxCLIPMLMHead, VoxCLIPReportDecoder)):
             init.zeros_(module.bias)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected (not normalised) volume embeddings `(B, P)` for `pixel_values (B, C, D, H, W)`."""
-        return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+    def get_image_features(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (not normalised) embeddings `(B, P)` of volumes or of whole studies.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): volumes, or studies of S
+                scans each (VoxViT study mode; `vision_config.max_scans >= S`).
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` on real scans, `False` on
+                padding; padded scans change nothing. Default: every scan is real.
+        """
+        return self.visual_projection(self.vision_model(pixel_values, scan_mask=scan_mask).pooler_output)
 
     def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text encoder's token features `(B, L, E_txt)` for `input_ids (B, L)` and `attention_mask (B, L)`."""
@@ -577,13 +588,15 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         mlm_input_ids: torch.LongTensor | None = None,
         mlm_labels: torch.LongTensor | None = None,
         patch_noise: torch.Tensor | None = None,
+        scan_mask: torch.Tensor | None = None,
         return_loss: bool = False,
         **kwargs,
     ) -> VoxCLIPOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized reports (an empty report for image-only rows).
-            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): preprocessed volumes.
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): preprocessed volumes, or
+                whole studies of S scans (the masked-volume terms need volumes).
             attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): report padding mask.
             has_report (`torch.Tensor` of shape `(B,)`, *optional*): `False` for image-only rows, which only the
                 masked-image term uses; default: every row is paired.
@@ -591,11 +604,14 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
                 collator's masked reports and targets, needed when `mlm_loss_weight > 0`.
             patch_noise (`torch.Tensor` of shape `(B, N)`, *optional*): uniform noise that picks the masked patches
                 of the reconstruction terms (the collator's); drawn from the global generator when `None`.
+            scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` on real scans, `False` on
+                padded ones (`StudyCollator` gives it); default: every scan is real.
             return_loss (`bool`, defaults to `False`): compute the training loss and its components.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        vision_output = self.vision_model(pixel_values)  # last_hidden_state (B, 1 + N, E_vis)
+        # last_hidden_state (B, 1 + N, E_vis), or (B, S, 1 + N, E_vis) for studies; pooler_output (B, E_vis)
+        vision_output = self.vision_model(pixel_values, scan_mask=scan_mask)
         text_states = self.encode_text(input_ids, attention_mask)  # (B, L, E_txt)
         image_embeds = F.normalize(self.visual_projection(vision_output.pooler_output), dim=-1)  # (B, P)
         text_embeds = F.normalize(self.text_projection(self.pool_text(text_states, attention_mask)), dim=-1)  # (B, P)

@@ -20,6 +20,10 @@ class ContrastiveCollator:
     Both draws use the collator's own generators, so a resumed run that re-collates the batches it skips draws the
     same masks as an uninterrupted one.
 
+    With `studies` (a [`StudyCollator`]) the samples are study rows instead: it samples each study's series and
+    report-sentence order (HLIP) and gives `pixel_values (B, S, C, D, H, W)` and `scan_mask (B, S)`; the reports it
+    sampled are tokenized as above.
+
     Args:
         tokenizer: the text encoder's tokenizer.
         max_length (`int`, defaults to 128): reports are truncated to this many tokens.
@@ -27,12 +31,16 @@ class ContrastiveCollator:
         num_patches (`int`, *optional*): the encoder's patch count (`vision_config.num_patches`) when a masked-volume
             term is on; `None` adds no patch noise.
         seed (`int`, defaults to 0): seeds both generators.
+        studies (`StudyCollator`, *optional*): collate study rows (`voxlm.training.data.studies`) rather than
+            preprocessed volumes; the masked-volume terms reconstruct single volumes, so it excludes `num_patches`.
     """
 
     def __init__(self, tokenizer, max_length: int = 128, mlm_probability: float = 0.0, num_patches: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, studies=None):
         if not 0.0 <= mlm_probability < 1.0:
             raise ValueError(f"`mlm_probability` must be in [0, 1), got {mlm_probability}")
+        if studies is not None and num_patches is not None:
+            raise ValueError("`num_patches` (masked-volume terms) works on single volumes, not on `studies`")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.masker = None
@@ -40,13 +48,19 @@ class ContrastiveCollator:
             self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
         self.num_patches = num_patches
         self.patch_generator = torch.Generator().manual_seed(seed)
+        self.studies = studies
 
     def __call__(self, samples: list[dict]) -> dict:
-        reports = [sample.get("report") or "" for sample in samples]
+        if self.studies is None:
+            images = {"pixel_values": torch.stack([sample["pixel_values"] for sample in samples])}  # (B, C, D, H, W)
+            reports = [sample.get("report") or "" for sample in samples]
+        else:
+            images = self.studies(samples)  # pixel_values (B, S, C, D, H, W), scan_mask (B, S), sampled reports
+            reports = [report or "" for report in images.pop("reports")]
         text = self.tokenizer(reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
                               return_special_tokens_mask=self.masker is not None)
         batch = {
-            "pixel_values": torch.stack([sample["pixel_values"] for sample in samples]),
+            **images,
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "has_report": torch.tensor([bool(report) for report in reports]),
