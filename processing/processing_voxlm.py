@@ -173,15 +173,17 @@ class VoxLMProcessor(ProcessorMixin):
                 `seg_masks` and `has_mask`.
             studies (*optional*): instead of `images`, whole studies: with one question (`text` a `str`), one study (a
                 DICOM folder or `.zip` of several series, a list of files, a `Study`); with a list of questions, a list
-                of as many studies. Adds `pixel_values (B, S, 1, D, H, W)`, `scan_mask (B, S)` and
-                `series_descriptions`, and each prompt gets the placeholders of its number of series.
+                of as many studies. Adds `pixel_values (B, S, 1, D, H, W)` and `scan_mask (B, S)` (and with
+                `return_metadata=True`, `series_descriptions` beside `metadata`), and each prompt gets the
+                placeholders of its number of series.
             padding_side (`str`, *optional*): `"left"` (the default without answers, for generation) or `"right"`
                 (the default with answers, for training).
             **kwargs: passed to the volume processor (`modality`, `window`, `return_metadata`).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (with images or studies), `labels` (with
-            answers), and for studies `scan_mask` and `series_descriptions`.
+            answers), and for studies `scan_mask`: all of them model inputs, so `model.generate(**features)` works
+            (`metadata` and `series_descriptions`, asked for with `return_metadata=True`, must be popped first).
         """
         if text is None:
             raise ValueError("VoxLMProcessor needs `text` (the questions)")
@@ -197,6 +199,8 @@ class VoxLMProcessor(ProcessorMixin):
         if studies is not None:
             image_features = self.process_studies(studies, isinstance(text, str), len(questions), masks, kwargs)
             counts = [self.num_study_image_tokens(int(n)) for n in image_features["scan_mask"].sum(dim=1)]
+            if not kwargs.get("return_metadata"):
+                del image_features["series_descriptions"]
         elif images is not None:
             image_features = self.image_processor(images, masks=masks, return_tensors=return_tensors, **kwargs)
             if image_features["pixel_values"].shape[0] != len(questions):

@@ -87,15 +87,16 @@ def study_processor(smollm2_tokenizer):
 
 def test_prompts_hold_the_placeholders_of_each_study(study_processor, dicom_study, mni_path):
     image_token = study_processor.image_token_id
-    single = study_processor(studies=dicom_study, text="Compare the two series.")
+    single = study_processor(studies=dicom_study, text="Compare the two series.", return_metadata=True)
     assert (single["input_ids"] == image_token).sum().item() == 2 * 8 + 1
     assert single["pixel_values"].shape == (1, 2, 1, 4, 16, 16) and single["scan_mask"].tolist() == [[True, True]]
-    assert single["series_descriptions"] == [[CT5N_DESCRIPTION, SECOND_SERIES]]
+    assert single["series_descriptions"] == [[CT5N_DESCRIPTION, SECOND_SERIES]] and len(single["metadata"][0]) == 2
     batch = study_processor(studies=[dicom_study, [mni_path]], text=["Any bleed?", "Any mass?"],
                             answers=["No.", "No."], masks=[None, read_volume(mni_path).array > 0])
     assert (batch["input_ids"] == image_token).sum(dim=1).tolist() == [17, 8]
     assert batch["scan_mask"].tolist() == [[True, True], [True, False]]
     assert batch["has_mask"].tolist() == [False, True] and batch["seg_masks"][1].sum() > 0
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "scan_mask", "seg_masks", "has_mask"}
     plain = study_processor(images=[read_volume(mni_path)], text=["Any mass?"])
     assert (plain["input_ids"] == image_token).sum().item() == 8 and "scan_mask" not in plain
 

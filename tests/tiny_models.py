@@ -96,7 +96,6 @@ def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
     studies = [[volume] for volume in volumes] + [list(volumes)]
     batch = processor(studies=studies, text=[DEMO_SEG_QUESTION] * len(studies),
                       answers=[DEMO_SEG_ANSWER] * len(studies), masks=masks + masks[:1])
-    batch.pop("series_descriptions")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(steps):
