@@ -111,6 +111,11 @@ class VoxLMConfig(PretrainedConfig):
             `= S * num_image_tokens + (S - 1)` image placeholders for `S = max_study_scans`. Above 1 the projector
             learns the separator; the encoder must take that many scans (`vision_config.max_scans`), and the image
             tokens must fit in the LLM's `max_position_embeddings`. 1 (the default) is M3D-LaMed: one volume.
+        pooled_image_token (`bool`, *optional*, defaults to `False`):
+            Also give the LLM the encoder's volume embedding (its pooling, `vision_config.pooling`) as one more image
+            token, before the patch tokens, projected by the same projector. A VoxCLIP-pre-trained encoder aligned
+            exactly that embedding with reports, so the LLM reads a whole-volume finding from one token instead of
+            having to find it among the patch tokens. `False` is M3D-LaMed (patch tokens only).
     """
 
     model_type = "voxlm"
@@ -128,6 +133,7 @@ class VoxLMConfig(PretrainedConfig):
         box_start_token_id: int | None = None,
         box_end_token_id: int | None = None,
         max_study_scans: int = 1,
+        pooled_image_token: bool = False,
         **kwargs,
     ):
         if isinstance(vision_config, dict):
@@ -144,6 +150,7 @@ class VoxLMConfig(PretrainedConfig):
         self.box_start_token_id = box_start_token_id
         self.box_end_token_id = box_end_token_id
         self.max_study_scans = max_study_scans
+        self.pooled_image_token = bool(pooled_image_token)
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # Saved folders name their code so that `trust_remote_code=True` loads them without voxlm installed.
         kwargs.setdefault("auto_map", dict(VOXLM_AUTO_MAP))
@@ -198,8 +205,9 @@ class VoxLMConfig(PretrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """How many `<im_patch>` tokens a prompt holds per volume (256 for the defaults)."""
-        return math.prod(self.image_grid_size)
+        """How many `<im_patch>` tokens a prompt holds per volume (256 for the defaults, one more with
+        `pooled_image_token`)."""
+        return math.prod(self.image_grid_size) + int(self.pooled_image_token)
 
     def num_study_image_tokens(self, num_scans: int) -> int:
         """`<im_patch>` placeholders of a study prompt: `num_image_tokens` per scan plus one separator between scans."""

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from .configuration_voxlm import VoxLMConfig
 from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
-from .modeling_voxvit import VoxViTModel
+from .modeling_voxvit import VoxViTModel, pool_scan_tokens
 
 
 @dataclass
@@ -106,7 +106,10 @@ class SpatialPoolingProjector(VoxLMProjector):
         d, h, w = self.grid_size
         grid = rearrange(patch_features, "b (d h w) e -> b e d h w", d=d, h=h, w=w)  # (B, N, E) -> (B, E, D', H', W')
         pooled = F.avg_pool3d(grid, kernel_size=self.pooling_size, stride=self.pooling_size)
-        tokens = rearrange(pooled, "b e d h w -> b (d h w) e")  # (B, E, d, h, w) -> (B, N_img, E)
+        return self.project_tokens(rearrange(pooled, "b e d h w -> b (d h w) e"))  # (B, E, d, h, w) -> (B, N_img, E)
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, T, E_vis)` -> `(B, T, E_llm)`, token by token (also the volume embedding's token)."""
         return self.linear_2(F.gelu(self.linear_1(tokens)))
 
 
@@ -119,7 +122,11 @@ class LinearProjector(VoxLMProjector):
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         """`(B, N, E_vis)` -> `(B, N, E_llm)`."""
-        return self.linear(patch_features)
+        return self.project_tokens(patch_features)
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, T, E_vis)` -> `(B, T, E_llm)`, token by token (also the volume embedding's token)."""
+        return self.linear(tokens)
 
 
 class VoxSegTwoWayLayer(nn.Module):
@@ -297,12 +304,22 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         # Note: M3D takes the last layer after the final LayerNorm and drops CLS (select_feature="patch" in
         # LaMed/src/model/multimodal_encoder/vit.py).
         if pixel_values.dim() != 6:
-            patch_features = self.vision_tower(pixel_values).last_hidden_state[:, 1:]  # (B, N, E_vis)
-            return patch_features, self.multi_modal_projector(patch_features)
-        patch_features = self.vision_tower(pixel_values, scan_mask=scan_mask).last_hidden_state[:, :, 1:]
-        scans = rearrange(patch_features, "b s n e -> (b s) n e")  # (B, S, N, E_vis) -> (B S, N, E_vis)
-        image_features = self.multi_modal_projector(scans)  # (B S, N_img, E_llm), each scan pooled on its own grid
-        return patch_features, rearrange(image_features, "(b s) n e -> b s n e", b=pixel_values.shape[0])
+            hidden_states = self.vision_tower(pixel_values).last_hidden_state  # (B, 1 + N, E_vis)
+            return hidden_states[:, 1:], self.project_scans(hidden_states)
+        hidden_states = self.vision_tower(pixel_values, scan_mask=scan_mask).last_hidden_state  # (B, S, 1 + N, E_vis)
+        scans = rearrange(hidden_states, "b s n e -> (b s) n e")  # (B S, 1 + N, E_vis)
+        image_features = self.project_scans(scans)  # (B S, N_img, E_llm), each scan pooled on its own grid
+        return hidden_states[:, :, 1:], rearrange(image_features, "(b s) n e -> b s n e", b=pixel_values.shape[0])
+
+    def project_scans(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens of single scans `(B', 1 + N, E_vis)` -> their image tokens `(B', N_img, E_llm)`: the
+        projected patch grid, after the projected volume embedding with `config.pooled_image_token`."""
+        image_features = self.multi_modal_projector(hidden_states[:, 1:])  # (B', N_grid, E_llm)
+        if not self.config.pooled_image_token:
+            return image_features
+        pooled = pool_scan_tokens(hidden_states, self.config.vision_config.pooling)  # (B', E_vis)
+        pooled_token = self.multi_modal_projector.project_tokens(pooled[:, None])  # (B', 1, E_llm)
+        return torch.cat([pooled_token, image_features], dim=1)
 
     def get_image_features(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Projected image tokens `(B, N_img, E_llm)` for volumes `(B, C, D, H, W)`; `(B, S, N_img, E_llm)` for
@@ -647,6 +664,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         vision_config: VoxViTConfig | None = None,
         text_kwargs: dict | None = None,
         max_study_scans: int = 1,
+        pooled_image_token: bool = False,
     ) -> "VoxLMForConditionalGeneration":
         """Assemble a VoxLM from a pretrained encoder and a pretrained causal LM (local folders, Hub ids or models).
 
@@ -665,6 +683,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             vision_config (`VoxViTConfig`, *optional*): used when `vision_model` is `None`.
             text_kwargs (`dict`, *optional*): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `gguf_file`).
             max_study_scans (`int`, defaults to 1): most scans of a study per prompt (`VoxLMConfig.max_study_scans`).
+            pooled_image_token (`bool`, defaults to `False`): also show the LLM the volume embedding
+                (`VoxLMConfig.pooled_image_token`).
         """
         if isinstance(vision_model, str):
             vision_model = VoxViTModel.from_pretrained(vision_model)
@@ -680,6 +700,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             projector_type=projector_type,
             pooling_size=pooling_size,
             max_study_scans=max_study_scans,
+            pooled_image_token=pooled_image_token,
             **{key: value for key, value in token_ids.items() if key != "pad_token_id"},
             pad_token_id=token_ids.get("pad_token_id"),
         )

@@ -211,6 +211,14 @@ class VoxViTPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.scan_embeddings, mean=0.0, std=self.config.initializer_range)
 
 
+def pool_scan_tokens(last_hidden_state: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One embedding per scan: its CLS token, or the mean or max of its patch tokens: `(..., 1 + N, E)` -> `(..., E)`."""
+    if pooling == "cls":
+        return last_hidden_state[..., 0, :]
+    patch_tokens = last_hidden_state[..., 1:, :]  # (..., N, E)
+    return patch_tokens.mean(dim=-2) if pooling == "mean" else patch_tokens.amax(dim=-2)
+
+
 @dataclass
 class VoxViTModelOutput(BaseModelOutputWithPooling):
     r"""
@@ -394,10 +402,7 @@ class VoxViTModel(VoxViTPreTrainedModel):
 
     def pool_scans(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
         """One embedding per scan as `config.pooling` says: `(B, S, 1 + N, E)` -> `(B, S, E)`."""
-        if self.config.pooling == "cls":
-            return last_hidden_state[:, :, 0]
-        patch_tokens = last_hidden_state[:, :, 1:]  # (B, S, N, E)
-        return patch_tokens.mean(dim=2) if self.config.pooling == "mean" else patch_tokens.amax(dim=2)
+        return pool_scan_tokens(last_hidden_state, self.config.pooling)
 
     @staticmethod
     def pool_study(scan_embeddings: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:

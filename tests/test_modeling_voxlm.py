@@ -267,6 +267,26 @@ def test_linear_projector_keeps_every_patch_token():
     assert model.seg_head is None
 
 
+@pytest.mark.parametrize("pooling", ["cls", "max"])
+def test_pooled_image_token_is_the_projected_volume_embedding_before_the_patch_tokens(pooling):
+    vision = tiny_vision_config(pooling=pooling, max_scans=2)
+    plain = make_model(vision_config=vision).eval()
+    model = make_model(vision_config=vision, pooled_image_token=True).eval()
+    assert model.config.num_image_tokens == plain.config.num_image_tokens + 1 == 9
+    pixel_values = torch.rand(2, 1, 8, 16, 16)
+    with torch.no_grad():
+        tokens = model.get_image_features(pixel_values)  # (B, 1 + N_img, E_llm)
+        embedding = model.vision_tower(pixel_values).pooler_output  # (B, E_vis): CLS or max over patch tokens
+        expected = model.multi_modal_projector.project_tokens(embedding[:, None])[:, 0]
+        torch.testing.assert_close(tokens[:, 0], expected)
+        torch.testing.assert_close(tokens[:, 1:], plain.get_image_features(pixel_values))  # same seed, same weights
+        input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (1, 4)), batch_size=2)
+        assert torch.isfinite(model(input_ids=input_ids, pixel_values=pixel_values).logits).all()
+        # A study: each scan brings its own volume token.
+        study = torch.rand(1, 2, 1, 8, 16, 16)
+        assert model.get_image_features(study).shape == (1, 2, 9, 32)
+
+
 def test_assembling_from_pretrained_parts_starts_new_tokens_at_the_mean(tmp_path):
     torch.manual_seed(0)
     text_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config("llama")))

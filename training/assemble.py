@@ -36,6 +36,8 @@ class ModelSettings:
         ct_window (`str`): the processor's Hounsfield window preset.
         max_study_scans (`int`): most series of a study per prompt (`VoxLMConfig.max_study_scans`); above 1 the
             encoder must take that many scans (`vision_config.max_scans`).
+        pooled_image_token (`bool`): also show the LLM the encoder's volume embedding as one image token
+            (`VoxLMConfig.pooled_image_token`; useful with a VoxCLIP-pre-trained encoder).
     """
 
     llm: str = "smollm2"
@@ -47,6 +49,7 @@ class ModelSettings:
     seg_config: dict = field(default_factory=lambda: {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128})
     ct_window: str = "brain"
     max_study_scans: int = 1
+    pooled_image_token: bool = False
 
 
 def load_llm(name: str, vocab_size: int | None = None):
@@ -94,6 +97,7 @@ def build_voxlm(settings: ModelSettings, seed: int = 0):
         seg_config=settings.seg_config if settings.seg else None,
         pooling_size=settings.pooling_size,
         max_study_scans=settings.max_study_scans,
+        pooled_image_token=settings.pooled_image_token,
     )
     image_processor = VoxVolumeProcessor(image_size=tuple(vision_model.config.image_size), ct_window=settings.ct_window)
     processor = VoxLMProcessor(image_processor, tokenizer, num_image_tokens=model.config.num_image_tokens,
