@@ -181,3 +181,20 @@ def test_study_settings_that_cannot_work_name_the_field(overrides, message, tmp_
     model, _, _ = train_clip.build_clip(settings.model)
     with pytest.raises(ValueError, match=message):
         train_clip.check_study_settings(settings, model)
+
+
+@pytest.mark.parametrize("random_series", [True, False])
+def test_pretrain_clip_samples_series_as_the_data_settings_say(study_rows, minilm_dir, random_series):
+    from transformers import AutoTokenizer
+
+    from voxlm.processing import VoxVolumeProcessor
+    from voxlm.training.train_clip import ClipDataSettings, clip_collator
+
+    data = ClipDataSettings(config="study", max_series=3, random_series=random_series)
+    collator = clip_collator(data, VoxVolumeProcessor(image_size=(8, 16, 16)), AutoTokenizer.from_pretrained(minilm_dir),
+                             mlm_probability=0.0, num_patches=None, seed=0)
+    num_scans = collator(study_rows)["scan_mask"].sum(dim=1).tolist()  # the phantom studies hold 4 series each
+    if random_series:
+        assert len(set(num_scans)) > 1 and max(num_scans) <= 3  # HLIP: a random number of series per study
+    else:
+        assert num_scans == [3] * len(study_rows)  # the first 3 series of every study

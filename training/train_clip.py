@@ -80,7 +80,10 @@ class ClipDataSettings:
         path (`str`), split (`str`): the paired data; rows whose report is empty count as image-only.
         config (`str`): `"cap"` (one volume per report) or `"study"` (whole studies, `voxlm.training.data.studies`:
             the model's `vision_config` needs `max_scans >= max_series`).
-        max_series (`int`): with `config="study"`, the most series per study and step (HLIP samples a random subset).
+        max_series (`int`): with `config="study"`, the most series per study and step.
+        random_series (`bool`): with `config="study"`, HLIP's sampling: a random number (1 .. `max_series`) of
+            random series in random order each step; `False` keeps the first `max_series` series in stored order
+            (whole studies when they have no more).
         shuffle_buffer (`int`), max_text_length (`int`): shuffling and report truncation.
         max_samples (`int`, *optional*): train on the first `max_samples` paired rows only (data-scaling studies).
         mlm_probability (`float`): share of report tokens masked when `model.mlm_loss_weight > 0` (BERT's 15%).
@@ -94,6 +97,7 @@ class ClipDataSettings:
     split: str = "train"
     config: str = "cap"
     max_series: int = 4
+    random_series: bool = True
     shuffle_buffer: int = 256
     max_text_length: int = 128
     max_samples: int | None = None
@@ -177,6 +181,19 @@ def check_study_settings(settings: ClipSettings, model: VoxCLIPModel) -> None:
                          "cannot hold; leave it empty")
 
 
+def clip_collator(data: ClipDataSettings, processor, tokenizer, mlm_probability: float, num_patches: int | None,
+                  seed: int) -> ContrastiveCollator:
+    """The batch builder of one epoch and process, seeded so that a resumed run draws the same MLM and patch masks
+    (and study samples) again; with `data.config="study"` it samples each study's series as `data.max_series` and
+    `data.random_series` say (HLIP)."""
+    studies = None
+    if data.config == "study":
+        sampling = StudySampling(max_series=data.max_series, random_subset=data.random_series)
+        studies = StudyCollator(processor, sampling, seed=seed)
+    return ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability, num_patches, seed=seed,
+                               studies=studies)
+
+
 def train(settings: ClipSettings) -> Path:
     """Run the stage; return the folder of the final model (weights, config, code, processor, tokenizer)."""
     if not settings.data.path:
@@ -198,14 +215,10 @@ def train(settings: ClipSettings) -> Path:
         seed = settings.run.seed + epoch
         rows = clip_rows(data, accelerator.process_index, accelerator.num_processes, seed)
         # A collator per epoch and process: its masks (and study samples) depend only on the batches of this epoch.
-        collator_seed = seed * accelerator.num_processes + accelerator.process_index
-        studies = None
-        if data.config == "study":
-            # Study rows go to the collator whole: it samples their series and preprocesses each with its window.
-            studies = StudyCollator(processor, StudySampling(max_series=data.max_series), seed=collator_seed)
-        collator = ContrastiveCollator(tokenizer, data.max_text_length, mlm_probability, num_patches,
-                                       seed=collator_seed, studies=studies)
-        samples = rows if studies is not None else PreprocessedStream(rows, processor)
+        collator = clip_collator(data, processor, tokenizer, mlm_probability, num_patches,
+                                 seed=seed * accelerator.num_processes + accelerator.process_index)
+        # Study rows go to the collator whole: it samples their series and preprocesses each with its window.
+        samples = rows if data.config == "study" else PreprocessedStream(rows, processor)
         return torch.utils.data.DataLoader(samples, batch_size=settings.run.batch_size,
                                            num_workers=settings.run.num_workers, collate_fn=collator)
 
