@@ -8,16 +8,36 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy, averaged over the positions whose label is not `IGNORE_INDEX`.
 
     Args:
-        logits (`torch.Tensor` of shape `(B, L, V)`): LM logits.
+        logits (`torch.Tensor` of shape `(B, L, V)`, or `(B, K, V)` with `positions`): LM logits.
         labels (`torch.Tensor` of shape `(B, L)`): token ids, `-100` where no loss is wanted; shifted here.
+        positions (`torch.LongTensor` of shape `(K,)`, *optional*): the sequence positions that `logits` hold (as
+            computed with `logits_to_keep`, see `label_positions`); `None`: every position.
     """
-    shift_logits = logits[:, :-1]  # (B, L - 1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, L - 1)
-    return token_cross_entropy(shift_logits, shift_labels)
+    if positions is None:
+        return token_cross_entropy(logits[:, :-1], labels[:, 1:].to(logits.device))  # (B, L - 1, V), (B, L - 1)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, positions.to(labels.device) + 1]  # (B, K): the next token
+    return token_cross_entropy(logits, targets.to(logits.device))
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions whose next token carries a label in some row: the only logits a training step needs.
+
+    An answer is a few tokens after hundreds of image and prompt tokens, so projecting only these positions onto the
+    vocabulary (`logits_to_keep`) saves most of the LM head's work and memory.
+
+    Args:
+        labels (`torch.Tensor` of shape `(B, L)`): token ids, `-100` where no loss is wanted.
+
+    Returns:
+        `torch.LongTensor` of shape `(K,)`: increasing positions in `[0, L - 1)`.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -475,10 +475,12 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         seg_logits: torch.Tensor | None,
         seg_targets: torch.Tensor | None,
+        logit_positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The LM loss (image positions never count) plus the weighted Dice and BCE losses when masks are given."""
+        """The LM loss (image positions never count) plus the weighted Dice and BCE losses when masks are given;
+        `logit_positions`: the positions that `logits` hold, when not all."""
         labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        losses = {"lm_loss": causal_lm_loss(logits, labels)}
+        losses = {"lm_loss": causal_lm_loss(logits, labels, logit_positions)}
         losses["loss"] = losses["lm_loss"]
         if seg_logits is not None and seg_logits.shape[0] > 0:
             seg = self.config.seg_config
@@ -527,6 +529,9 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             has_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): which rows of `seg_masks` are real.
             seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): for studies, the scan that
                 `seg_masks` and the predicted masks belong to.
+            logits_to_keep (`int` or `torch.LongTensor` of shape `(K,)`, defaults to 0): as in transformers (`0`: all
+                positions); with `labels`, a tensor of positions (training passes `label_positions(labels)`) computes
+                logits, and the LM loss, only there.
             return_dict (`bool`, *optional*): accepted for `generate`; the output is always a `ModelOutput`.
         """
         if inputs_embeds is None:
@@ -555,7 +560,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             seg_targets = seg_masks[sample_indices.to(seg_masks.device)].to(seg_logits.device)
         losses = {}
         if labels is not None:
-            losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets)
+            logit_positions = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else None
+            losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets, logit_positions)
         return VoxLMCausalLMOutputWithPast(
             **losses,
             logits=lm_outputs.logits,

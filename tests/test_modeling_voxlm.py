@@ -30,6 +30,7 @@ from transformers import (
 
 from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
 from voxlm.modeling.convert_m3d import convert_m3d_lamed_state_dict
+from voxlm.modeling.losses import label_positions
 
 
 def make_model(kind="llama", seed=0, **overrides) -> VoxLMForConditionalGeneration:
@@ -64,6 +65,32 @@ def test_labels_on_image_positions_are_ignored():
     masked = labels.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
     loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
     torch.testing.assert_close(loss, model(input_ids=input_ids, pixel_values=pixel_values, labels=masked).loss)
+
+
+def test_logits_only_at_label_positions_give_the_same_loss_and_gradients():
+    """Training computes logits only where an answer token is predicted (`label_positions`); the loss and every
+    gradient must equal those of the full-sequence logits."""
+    model = make_model()
+    input_ids = make_prompt(model, torch.randint(10, VOCAB_SIZE, (2, 8)), batch_size=2)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -3:], labels[1, -5:-2] = input_ids[0, -3:], input_ids[1, -5:-2]  # answers at different positions
+    pixel_values = torch.rand(2, 1, 8, 16, 16)
+    positions = label_positions(labels)
+    assert positions.tolist() == list(range(input_ids.shape[1] - 6, input_ids.shape[1] - 1))
+
+    def loss_and_grads(**kwargs):
+        model.zero_grad()
+        output = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels, **kwargs)
+        output.loss.backward()
+        return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = loss_and_grads()
+    kept, kept_grads = loss_and_grads(logits_to_keep=positions)
+    assert kept.logits.shape == (2, len(positions), VOCAB_SIZE)
+    torch.testing.assert_close(kept.loss, full.loss)
+    assert kept_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], msg=name)
 
 
 def test_image_features_go_where_the_image_tokens_are_wherever_they_are():

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import set_seed
 from datasets import interleave_datasets
 
+from voxlm.modeling.losses import label_positions
 from voxlm.training.assemble import ModelSettings, build_voxlm
 from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training
@@ -75,8 +76,9 @@ def mixed_rows(data: InstructionDataSettings, rank: int, world_size: int, seed: 
 
 
 def lm_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """One step of either stage: the model's own loss, with its components for logging."""
-    output = model(**batch)
+    """One step of either stage: the model's own loss, with its components for logging. Logits are computed only where
+    an answer token is predicted."""
+    output = model(**batch, logits_to_keep=label_positions(batch["labels"]))
     logs = {"lm_loss": output.lm_loss.detach()}
     if output.seg_dice_loss is not None:
         logs["seg_dice_loss"] = output.seg_dice_loss.detach()
