@@ -63,6 +63,8 @@ def test_finetuned_folder_loads_and_answers_with_masks(stages):
     model = AutoModel.from_pretrained(tuned / "model").eval()
     processor = AutoProcessor.from_pretrained(tuned / "model")
     assert (tuned / "adapter" / "adapter_config.json").is_file()
+    adapter_card = (tuned / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "r=4" in adapter_card and "## How to load" in adapter_card
     volume = torch.rand(16, 32, 32) * 80
     inputs = processor(images=[volume], text=["Segment the hemorrhage in this CT."])
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_masks=True)
@@ -129,3 +131,10 @@ def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():
     inputs = processor(images=[volume], text=["Describe this head CT."])
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_tiny_llama_config_resizes_the_random_llm_and_is_refused_for_other_backends():
+    model, _ = build_voxlm(settings([*TINY_MODEL, "model.tiny_llama_config={hidden_size: 32, num_hidden_layers: 1}"]).model)
+    assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="tiny_llama_config sizes the random tiny-llama only.*'smollm2'"):
+        build_voxlm(ModelSettings(llm="smollm2", tiny_llama_config={"hidden_size": 32}))

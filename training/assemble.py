@@ -38,6 +38,8 @@ class ModelSettings:
             encoder must take that many scans (`vision_config.max_scans`).
         pooled_image_token (`bool`): also show the LLM the encoder's volume embedding as one image token
             (`VoxLMConfig.pooled_image_token`; useful with a VoxCLIP-pre-trained encoder).
+        tiny_llama_config (`dict`): sizes of the random `"tiny-llama"` that replace those of `TINY_LLAMA`, e.g.
+            `{hidden_size: 256, num_hidden_layers: 4}`; only with `llm: tiny-llama`.
     """
 
     llm: str = "smollm2"
@@ -50,17 +52,22 @@ class ModelSettings:
     ct_window: str = "brain"
     max_study_scans: int = 1
     pooled_image_token: bool = False
+    tiny_llama_config: dict = field(default_factory=dict)
 
 
-def load_llm(name: str, vocab_size: int | None = None):
-    """The causal LM and its tokenizer for a backend name (see the module docstring)."""
+def load_llm(name: str, tiny_llama_config: dict | None = None):
+    """The causal LM and its tokenizer for a backend name (see the module docstring); `tiny_llama_config` resizes
+    the random `"tiny-llama"`."""
     from voxlm.training.backends import load_smollm2, load_smollm2_tokenizer
 
+    if tiny_llama_config and name != "tiny-llama":
+        raise ValueError(f"model.tiny_llama_config sizes the random tiny-llama only, but model.llm is {name!r}; "
+                         "remove it or set model.llm=tiny-llama")
     if name == "tiny-llama":
         tokenizer = load_smollm2_tokenizer()
         config = AutoConfig.for_model(
             vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, **TINY_LLAMA,
+            eos_token_id=tokenizer.eos_token_id, **{**TINY_LLAMA, **(tiny_llama_config or {})},
         )
         return AutoModelForCausalLM.from_config(config), tokenizer
     if name == "smollm2":
@@ -86,7 +93,7 @@ def build_voxlm(settings: ModelSettings, seed: int = 0):
     from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor, add_voxlm_tokens
 
     torch.manual_seed(seed)
-    language_model, tokenizer = load_llm(settings.llm)
+    language_model, tokenizer = load_llm(settings.llm, settings.tiny_llama_config)
     token_ids = add_voxlm_tokens(tokenizer)
     vision_model = load_vision_encoder(settings)
     model = VoxLMForConditionalGeneration.from_vision_text_pretrained(
