@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    # A command returns its result (a folder, a results table) or raises SystemExit with a message; neither return
+    # value is an exit status, or `sys.exit` would print the result and exit 1.
+    args.func(args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,27 +22,39 @@ TASKS = {
 }
 
 
+def held_out_samples(data: str, task: str, volume_processor, limit: int, split: str = "test",
+                     shuffle_buffer: int = 0) -> list[dict]:
+    """The first `limit` preprocessed samples of a task's rows in `split`: in stored order, or with `shuffle_buffer`
+    drawn through a fixed shuffle (seed 0) so that they spread over the split's patients (stored order puts a
+    patient's questions side by side; the buffer holds that many rows, image bytes included, in memory)."""
+    from voxlm.training.data import PreprocessedStream, stream_rows
+
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
+    config, question_type = TASKS[task]
+    rows = stream_rows(data, config, split, shuffle_buffer=shuffle_buffer, seed=0)
+    rows = rows.filter(lambda row: row["question_type"] == question_type)
+    return list(islice(PreprocessedStream(rows, volume_processor), limit))
+
+
 def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: int = 100, batch_size: int = 8,
-             max_new_tokens: int | None = None) -> dict:
-    """Run one task and return `{"task", "data", "split", "num_samples", "metrics"}`."""
+             max_new_tokens: int | None = None, shuffle_buffer: int = 0) -> dict:
+    """Run one task and return `{"task", "data", "split", "num_samples", "metrics"}` (samples: `held_out_samples`)."""
     from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 
     import voxlm  # noqa: F401  (registers the Auto classes)
-    from voxlm.training.data import PreprocessedStream, stream_rows
 
     from . import runner
 
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
-    config, question_type = TASKS[task]
     model = AutoModel.from_pretrained(model_dir)
     if task == "retrieval":
         volume_processor = AutoImageProcessor.from_pretrained(model_dir)
     else:
         processor = AutoProcessor.from_pretrained(model_dir)
         volume_processor = processor.image_processor
-    rows = stream_rows(data, config, split).filter(lambda row: row["question_type"] == question_type)
-    samples = list(islice(PreprocessedStream(rows, volume_processor), limit))
+    samples = held_out_samples(data, task, volume_processor, limit, split, shuffle_buffer)
     if task == "vqa-closed":
         metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
         metrics.pop("predictions")
@@ -73,13 +85,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=100, help="samples (the retrieval pool size; M3D-Bench: 2000)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--shuffle-buffer", type=int, default=0,
+                        help="draw the samples through a fixed shuffle of this many rows (0: stored order)")
     parser.add_argument("--out", type=Path, help="write results as JSON (and Markdown beside it)")
 
     def run(args):
         from .report import write_results
 
         results = evaluate(args.model, args.data, args.task, args.split, args.limit, args.batch_size,
-                           args.max_new_tokens)
+                           args.max_new_tokens, args.shuffle_buffer)
         logger.info("%s", results)
         if args.out:
             write_results(results, args.out)
