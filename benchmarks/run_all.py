@@ -40,14 +40,17 @@ SUITE = {
     "memory_plan": ("memory_plan.py", [], []),
     "hlip": ("bench_hlip.py", ["--repeats", "3"],
              ["--repeats", "1", "--scans", "1", "4", "--image-size", "16", "64", "64", "--layers", "2"]),
+    "study_zero_shot": ("bench_study_zero_shot.py", [], ["--studies", "60", "--steps", "5"]),
 }
+# benchmarks that run on the CPU only (no --device flag)
+CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot")
 
 
 def run_benchmark(name: str, quick: bool, device: str | None) -> dict:
     """Run one benchmark script and return its JSON result (with the wall-clock time it took)."""
     script, full, quick_args = SUITE[name]
     arguments = list(quick_args if quick else full)
-    if device and name not in ("memory_plan", "hlip"):
+    if device and name not in CPU_ONLY:
         arguments += ["--device", device]
     if name == "streaming":
         memory = load_result("memory")
@@ -119,6 +122,10 @@ def summary(results: dict, machine: dict) -> str:
     value = figure("streaming", "ratio_four_workers")
     rows.append(["input rate / step consumption, 4 workers", "> 1 (never the bottleneck)",
                  common.fmt(value, 1, "x"), verdict(value, 1.0) + ("" if on_gpu else " (CPU step)")])
+    study, single = figure("study_zero_shot", "study_auc"), figure("study_zero_shot", "one_series_auc")
+    rows.append(["zero-shot hemorrhage AUC, finding in one series: study-mode VoxCLIP vs one random series",
+                 "study > one series", f"{common.fmt(study, 3)} vs {common.fmt(single, 3)}",
+                 "not measured" if study is None or single is None else ("yes" if study > single else "no")])
     return "## Targets\n\n" + common.markdown_table(["target", "wanted", "this run", "holds"], rows)
 
 
