@@ -206,8 +206,8 @@ def main() -> None:
         "command": common.command_line("bench_study_zero_shot.py", sys.argv[1:]),
         "description": __doc__.split("\n\n")[1].replace("\n", " "),
         "tables": [{
-            "caption": f"{args.studies} phantom studies, {args.single_series_fraction:.0%} of the findings in one series only; "
-                       f"{len(test)} held-out studies that are normal or show their finding in one series only "
+            "caption": f"{args.studies} phantom studies, {args.single_series_fraction:.0%} of the findings in one "
+                       f"series only; {len(test)} held-out studies that are normal or show their finding in one series only "
                        f"({sum(labels)} with a hemorrhage); {args.steps} steps of batch {args.batch_size}, same seed, "
                        "initialisation and study order for both models. Zero-shot AUC of \"hemorrhage present\" in "
                        "each view of the held-out studies",
