@@ -45,6 +45,7 @@ class QuickstartSettings:
         clip_steps (`int`), align_steps (`int`), finetune_steps (`int`): the stages' lengths.
         clip_batch_size (`int`): pre-training batch (contrastive learning needs many negatives per batch).
         batch_size (`int`): the batch of the MLLM stages.
+        finetune_tasks (`dict[str, float]`): the fine-tuning task mix (dataset configs and their probabilities).
         eval_samples (`int`): held-out samples per evaluated task (retrieval uses a pool of this many pairs).
         seed (`int`): seeds data and models.
     """
@@ -59,6 +60,7 @@ class QuickstartSettings:
     finetune_steps: int = 3000
     clip_batch_size: int = 32
     batch_size: int = 8
+    finetune_tasks: dict = field(default_factory=lambda: {"vqa": 0.75, "seg": 0.2, "pos": 0.05})
     eval_samples: int = 100
     seed: int = 0
 
@@ -139,7 +141,7 @@ def run_quickstart(settings: QuickstartSettings) -> list[dict]:
                 settings.finetune_steps)
     tuned = finetune.train(MLLMSettings(
         init_from=str(aligned), lora=LoraSettings(enabled=not full_llm),
-        data=InstructionDataSettings(path=str(data), tasks={"vqa": 0.75, "seg": 0.2, "pos": 0.05}),
+        data=InstructionDataSettings(path=str(data), tasks=settings.finetune_tasks),
         run=run(settings, {"max_steps": settings.finetune_steps, "learning_rate": 2e-3 if full_llm else 5e-4,
                            "find_unused_parameters": True}, "finetune"),
     ))
