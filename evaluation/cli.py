@@ -46,15 +46,13 @@ def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: i
 
     from . import runner
 
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
-    model = AutoModel.from_pretrained(model_dir)
     if task == "retrieval":
         volume_processor = AutoImageProcessor.from_pretrained(model_dir)
     else:
         processor = AutoProcessor.from_pretrained(model_dir)
         volume_processor = processor.image_processor
-    samples = held_out_samples(data, task, volume_processor, limit, split, shuffle_buffer)
+    samples = held_out_samples(data, task, volume_processor, limit, split, shuffle_buffer)  # checks `task` first
+    model = AutoModel.from_pretrained(model_dir)
     if task == "vqa-closed":
         metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
         metrics.pop("predictions")

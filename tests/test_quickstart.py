@@ -10,15 +10,17 @@ from voxlm import cli
 from voxlm.evaluation.cli import evaluate
 from voxlm.training.quickstart import EVAL_SHUFFLE_BUFFER
 
-LOAD_AND_ANSWER = """
-import sys, numpy as np, voxlm
+# Loads a saved folder in a new process and answers the hemorrhage question about new phantoms (seeds in argv).
+ANSWER_NEW_PHANTOMS = """
+import json, sys, voxlm
 from transformers import AutoModel, AutoProcessor
 from voxlm.training.data import generate_case
-model, processor = AutoModel.from_pretrained(sys.argv[1]), AutoProcessor.from_pretrained(sys.argv[1])
-case = generate_case(123456, shape=(32, 48, 48))
-inputs = processor(images=[case.volume], text=["Is there an intracranial hemorrhage?"])
-ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-print(processor.post_process_generation(ids[:, inputs["input_ids"].shape[1]:])[0]["text"])
+model, processor = AutoModel.from_pretrained(sys.argv[1]).eval(), AutoProcessor.from_pretrained(sys.argv[1])
+cases = [generate_case(seed, shape=(32, 64, 64)) for seed in json.loads(sys.argv[2])]
+question = "Is there an intracranial hemorrhage?"
+inputs = processor(images=[case.volume for case in cases], text=[question] * len(cases))
+ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+print(json.dumps([answer["text"] for answer in processor.post_process_generation(ids[:, inputs["input_ids"].shape[1]:])]))
 """
 
 
@@ -39,9 +41,10 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     assert "# voxlm-align-align" in cards["align/final"] and "align: 2 steps" in cards["align/final"]
     assert all("clinical decision-making" in text and "## How to load" in text for text in cards.values())
     assert not (tmp_path / "finetune" / "final" / "adapter").exists() and "LLM trained fully" in card
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, str(model_dir)], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    result = subprocess.run([sys.executable, "-c", ANSWER_NEW_PHANTOMS, str(model_dir), "[123456]"],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads(result.stdout.strip().splitlines()[-1])) == 1
 
     # `voxlm evaluate` on the folder the quickstart left reproduces the numbers it printed.
     closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=4, shuffle_buffer=EVAL_SHUFFLE_BUFFER)
@@ -57,19 +60,6 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
                          shuffle_buffer=EVAL_SHUFFLE_BUFFER)
     printed = next(r for r in results if r["metric"] == "recall@5")
     assert retrieval["metrics"]["i2t_r@5"] == printed["value"]
-
-
-ANSWER_NEW_PHANTOMS = """
-import json, sys, voxlm
-from transformers import AutoModel, AutoProcessor
-from voxlm.training.data import generate_case
-model, processor = AutoModel.from_pretrained(sys.argv[1]).eval(), AutoProcessor.from_pretrained(sys.argv[1])
-cases = [generate_case(seed, shape=(32, 64, 64)) for seed in json.loads(sys.argv[2])]
-question = "Is there an intracranial hemorrhage?"
-inputs = processor(images=[case.volume for case in cases], text=[question] * len(cases))
-ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-print(json.dumps([answer["text"] for answer in processor.post_process_generation(ids[:, inputs["input_ids"].shape[1]:])]))
-"""
 
 
 def test_quickstart_model_answers_about_new_phantoms_better_than_chance(tmp_path):
