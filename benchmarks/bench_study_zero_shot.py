@@ -12,7 +12,8 @@ picks a series would. Both are scored by zero-shot "hemorrhage present" AUC (pro
 ones), each on whole studies, on one random series (the same pick for both models) and on the series that holds the
 finding (an oracle that no single-series pipeline has).
 
-Usage: python benchmarks/bench_study_zero_shot.py [--studies 400] [--steps 300] [--batch-size 32] [--json-out FILE]
+Usage: python benchmarks/bench_study_zero_shot.py [--studies 400] [--test-studies 300] [--steps 300] [--batch-size 32]
+       [--json-out FILE]
 
 The text tower is locked, so the report features are computed once per distinct report instead of at every step, and
 every series is preprocessed once (`series_pixel_values`) before training; the step is otherwise `VoxCLIPModel`'s own
@@ -39,21 +40,38 @@ HEMORRHAGE_PROMPTS = {
 VIEWS = ("whole study", "one random series", "the finding's series")
 
 
-def phantom_studies(num_studies: int, single_series_fraction: float) -> list[dict]:
-    """Study rows with every series preprocessed: `series` a list of `(C, D, H, W)` tensors in stored order, plus
-    `report`, `hemorrhage` (0 / 1), `finding_series` and `split` (patients split 80 / 20)."""
+def phantom_studies(seeds, single_series_fraction: float) -> list[dict]:
+    """Study rows of the phantom `seeds`, every series preprocessed: `series` a list of `(C, D, H, W)` tensors in
+    stored order, plus `report`, `hemorrhage` (0 / 1), `finding_series` and `split`."""
     from voxlm.processing import VoxVolumeProcessor
     from voxlm.training.data.phantoms import HEMORRHAGE_TYPES
     from voxlm.training.data.studies import generate_study, series_pixel_values
 
     processor = VoxVolumeProcessor(image_size=IMAGE_SIZE)
     studies = []
-    for seed in range(num_studies):
+    for seed in seeds:
         row = generate_study(seed, shape=PHANTOM_SHAPE, single_series_fraction=single_series_fraction)
         studies.append(dict(id=row["id"], series=list(series_pixel_values(row["series"], processor)),
                             report=row["report"], hemorrhage=int(row["label"] in HEMORRHAGE_TYPES),
                             finding_series=row["finding_series"], split=row["split"]))
     return studies
+
+
+def split_seeds(num_train_seeds: int, num_test: int) -> tuple[list[int], list[int]]:
+    """Seeds of the training studies (the train-split patients among the first `num_train_seeds`) and of the first
+    `num_test` test-split patients: the held-out set grows without changing what the models train on."""
+    from voxlm.training.data.hub_format import split_of
+
+    def split(seed: int) -> str:  # the split `generate_study` gives the seed's patient
+        return split_of(f"phantom-patient-{seed:06d}", test_fraction=0.2)
+
+    train = [seed for seed in range(num_train_seeds) if split(seed) == "train"]
+    test, seed = [], 0
+    while len(test) < num_test:
+        if split(seed) == "test":
+            test.append(seed)
+        seed += 1
+    return train, test
 
 
 def build_model(seed: int):
@@ -163,7 +181,11 @@ def auc_difference_interval(labels, scores_a, scores_b, seed: int, resamples: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", type=int, default=400, help="phantom studies (a fifth of the patients held out)")
+    parser.add_argument("--studies", type=int, default=400,
+                        help="phantom seeds whose train-split patients (four in five) train the models")
+    parser.add_argument("--test-studies", type=int, default=300,
+                        help="held-out (test-split) phantom studies, of which the normal ones and those with the "
+                             "finding in one series are scored")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
@@ -178,10 +200,11 @@ def main() -> None:
 
     from voxlm.training.data.studies import StudySampling
 
-    studies = phantom_studies(args.studies, args.single_series_fraction)
-    train = [study for study in studies if study["split"] == "train"]
+    train_seeds, test_seeds = split_seeds(args.studies, args.test_studies)
+    train = phantom_studies(train_seeds, args.single_series_fraction)
     # scored where the issue asks: held-out studies whose finding is in one series only, and the normal ones
-    test = [study for study in studies if study["split"] == "test" and len(study["finding_series"]) <= 1]
+    test = [study for study in phantom_studies(test_seeds, args.single_series_fraction)
+            if len(study["finding_series"]) <= 1]
     picks = np.random.default_rng(args.seed + 1).integers(0, 4, len(test)).tolist()  # the random series, both models
     arms = {
         "whole studies": StudySampling(max_series=4, random_subset=False, shuffle_sentences=False),
@@ -206,8 +229,8 @@ def main() -> None:
         "command": common.command_line("bench_study_zero_shot.py", sys.argv[1:]),
         "description": __doc__.split("\n\n")[1].replace("\n", " "),
         "tables": [{
-            "caption": f"{args.studies} phantom studies, {args.single_series_fraction:.0%} of the findings in one "
-                       f"series only; {len(test)} held-out studies that are normal or show their finding in one series only "
+            "caption": f"{len(train)} training and {args.test_studies} held-out phantom studies, "
+                       f"{args.single_series_fraction:.0%} of the findings in one series only; {len(test)} held-out studies that are normal or show their finding in one series only "
                        f"({sum(labels)} with a hemorrhage); {args.steps} steps of batch {args.batch_size}, same seed, "
                        "initialisation and study order for both models. Zero-shot AUC of \"hemorrhage present\" in "
                        "each view of the held-out studies",
