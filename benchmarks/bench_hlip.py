@@ -8,9 +8,11 @@ attention FLOPs counted analytically from the token groups each block attends ov
 Prints a Markdown table.
 
 Schedules: `study` (every block attends across the whole study: a plain ViT over all S (1 + N) tokens),
-`scan_study` and `slice_scan_study` (HLIP presets), and `scan` (scans never meet: the linear floor).
+`scan_study` and `slice_scan_study` (HLIP presets), and `scan` (scans never meet: the linear floor). The encoder is
+VoxViT's default ViT-B (width 768, 12 blocks, 12 heads) on 32 x 128 x 128 scans (513 tokens each), so that the
+attention / MLP balance is the real one; the notes add the same FLOP count at M3D's 32 x 256 x 256 input.
 
-Usage: python benchmarks/bench_hlip.py [--scans 1 4 8] [--repeats 3] [--hidden-size 192] [--layers 6]
+Usage: python benchmarks/bench_hlip.py [--scans 1 4 8] [--repeats 3] [--hidden-size 768] [--layers 12]
        [--json-out FILE]
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import common
 
 SCHEDULES = ("study", "scan_study", "slice_scan_study", "scan")
+M3D_IMAGE_SIZE, M3D_TOKENS_PER_SCAN = [32, 256, 256], 2049
 
 
 def build_config(schedule: str, args):
@@ -101,6 +104,12 @@ def measure(schedule: str, num_scans: int, args) -> dict:
     )
 
 
+def flop_growth(schedule: str, args, image_size) -> float:
+    """All FLOPs of a study of the most scans over those of one scan, counted for `image_size` scans."""
+    config = build_config(schedule, argparse.Namespace(**{**vars(args), "image_size": image_size}))
+    return sum(flop_counts(config, max(args.scans))) / sum(flop_counts(config, 1))
+
+
 def total(row: dict) -> float:
     """Attention plus projection / MLP GFLOPs of one measured row."""
     return row["attention_gflops"] + row["linear_gflops"]
@@ -121,6 +130,13 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     return cells
 
 
+def growth(rows: list[dict], schedule: str) -> dict:
+    """Time and all-FLOPs of the most scans over those of the fewest, for one schedule."""
+    mine = sorted((row for row in rows if row["schedule"] == schedule), key=lambda row: row["scans"])
+    first, last = mine[0], mine[-1]
+    return {"time": last["seconds"] / first["seconds"], "flops": total(last) / total(first)}
+
+
 COLUMNS = ["schedule", "S", "tokens", "forward (s)", "time / S=1", "extra peak RSS (MiB)", "attention GFLOPs",
            "attention / S=1", "all GFLOPs", "all / S=1"]
 
@@ -131,9 +147,9 @@ def parse_args(argv=None):
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     parser.add_argument("--image-size", type=int, nargs=3, default=[32, 128, 128])
     parser.add_argument("--patch-size", type=int, nargs=3, default=[4, 16, 16])
-    parser.add_argument("--hidden-size", type=int, default=192)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden-size", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
@@ -166,7 +182,12 @@ def main(argv=None):
             f"attention (`study`)."
         ),
         tables=[dict(columns=COLUMNS, rows=table_rows(rows))],
-        figures={"rows": rows},
+        figures={"rows": rows, "scans": max(args.scans),
+                 "growth": {schedule: growth(rows, schedule) for schedule in args.schedules}},
+        notes=[f"The same count at M3D's 32 x 256 x 256 input ({M3D_TOKENS_PER_SCAN} tokens per scan), all FLOPs at "
+               f"S={max(args.scans)} over S=1: " + ", ".join(
+                   f"{schedule} {flop_growth(schedule, args, M3D_IMAGE_SIZE):.1f}x" for schedule in args.schedules)
+               + "."],
     )
     common.emit(result, args.json_out)
 

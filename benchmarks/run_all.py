@@ -38,9 +38,9 @@ SUITE = {
     "memory": ("bench_memory.py", ["--repeats", "1"], ["--repeats", "1", "--configs", "fp32_ckpt"]),
     "streaming": ("bench_streaming.py", ["--samples", "1000"], ["--samples", "200"]),
     "memory_plan": ("memory_plan.py", [], []),
-    "hlip": ("bench_hlip.py", ["--repeats", "3"],
-             ["--repeats", "1", "--scans", "1", "4", "--image-size", "16", "64", "64", "--layers", "2"]),
-    "study_zero_shot": ("bench_study_zero_shot.py", [], ["--studies", "60", "--steps", "5"]),
+    "hlip": ("bench_hlip.py", ["--repeats", "3"], ["--repeats", "1", "--scans", "1", "4", "--image-size", "16", "64",
+                                                "64", "--hidden-size", "192", "--heads", "3", "--layers", "2"]),
+    "study_zero_shot": ("bench_study_zero_shot.py", [], ["--studies", "60", "--test-studies", "30", "--steps", "5"]),
 }
 # benchmarks that run on the CPU only (no --device flag)
 CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot")
@@ -132,7 +132,21 @@ def summary(results: dict, machine: dict) -> str:
         holds = "no"
     rows.append(["zero-shot hemorrhage AUC, finding in one series: study-mode VoxCLIP vs one random series",
                  "study > one series", f"{common.fmt(study, 3)} vs {common.fmt(single, 3)}", holds])
+    rows.append(hlip_target(figure("hlip", "growth") or {}, figure("hlip", "scans")))
     return "## Targets\n\n" + common.markdown_table(["target", "wanted", "this run", "holds"], rows)
+
+
+def hlip_target(growth: dict, scans: int | None) -> list[str]:
+    """HLIP's scan/study schedule from S=1 to the most scans: close to linear means its FLOPs growth lies nearer the
+    linear one (S) than that of full study attention."""
+    target = ["HLIP scan/study encoder forward, S=1 to the most scans", "close to linear in S"]
+    hierarchical, full = growth.get("scan_study"), growth.get("study")
+    if hierarchical is None or full is None:
+        return [*target, "not measured", "not measured"]
+    nearer_linear = hierarchical["flops"] - scans < full["flops"] - hierarchical["flops"]
+    return [*target, f"S={scans}: {hierarchical['time']:.1f}x time, {hierarchical['flops']:.1f}x FLOPs "
+            f"(linear {scans}x; full study {full['time']:.1f}x, {full['flops']:.1f}x)",
+            "yes (nearer linear than full study)" if nearer_linear else "no"]
 
 
 def verdict(value, threshold: float) -> str:

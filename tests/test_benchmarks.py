@@ -137,6 +137,27 @@ def test_runner_rewrites_only_its_own_part(bench, tmp_path, monkeypatch):
     assert "plan text" in readme_text
 
 
+def test_hlip_flop_count_and_verdict(bench):
+    bench_hlip, run_all = bench("bench_hlip"), bench("run_all")
+    args = bench_hlip.parse_args(["--image-size", "8", "32", "32", "--hidden-size", "32", "--heads", "2",
+                                  "--layers", "3"])
+
+    def flops(schedule, scans):
+        return bench_hlip.flop_counts(bench_hlip.build_config(schedule, args), scans)
+
+    tokens, width = 1 + 2 * 2 * 2, 32  # (8, 32, 32) in (4, 16, 16) patches, plus CLS
+    assert flops("scan", 1) == flops("study", 1)  # one scan: the levels coincide
+    assert flops("scan", 8)[0] == 8 * flops("scan", 1)[0] == 8 * 3 * 4 * tokens**2 * width
+    assert flops("study", 8)[0] == 64 * flops("study", 1)[0]
+    assert flops("study", 8)[1] == flops("scan", 8)[1] == 8 * flops("scan", 1)[1]  # MLP work is per token
+    # scan_study on 3 blocks: two scan blocks and one study block
+    assert flops("scan_study", 8)[0] == (2 * 8 + 64) * 4 * tokens**2 * width
+    near = {"scan_study": {"time": 9.0, "flops": 9.9}, "study": {"time": 11.0, "flops": 13.6}}
+    far = {"scan_study": {"time": 12.0, "flops": 12.0}, "study": {"time": 13.0, "flops": 13.6}}
+    assert run_all.hlip_target(near, 8)[-1].startswith("yes") and run_all.hlip_target(far, 8)[-1] == "no"
+    assert run_all.hlip_target({}, None)[-1] == "not measured"
+
+
 def test_speed_settings_checkpoint_and_compile_in_place(monkeypatch):
     from voxlm.modeling import VoxViTModel
     from voxlm.training.loop import RunSettings, apply_speed_settings
