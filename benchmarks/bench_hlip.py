@@ -30,7 +30,7 @@ from pathlib import Path
 import common
 
 SCHEDULES = ("study", "scan_study", "slice_scan_study", "scan")
-M3D_IMAGE_SIZE, M3D_TOKENS_PER_SCAN = [32, 256, 256], 2049
+M3D_IMAGE_SIZE = [32, 256, 256]
 
 
 def build_config(schedule: str, args):
@@ -165,7 +165,10 @@ def main(argv=None):
         return
     forwarded = list(argv if argv is not None else sys.argv[1:])
     worker_args = common.without_flags(forwarded, ("--json-out",))
-    tokens_per_scan = 1 + math.prod(s // p for s, p in zip(args.image_size, args.patch_size))
+    def tokens_per_scan_at(image_size) -> int:
+        return 1 + math.prod(size // patch for size, patch in zip(image_size, args.patch_size))
+
+    tokens_per_scan = tokens_per_scan_at(args.image_size)
     rows = []
     for schedule in args.schedules:
         for num_scans in sorted(args.scans):
@@ -184,8 +187,8 @@ def main(argv=None):
         tables=[dict(columns=COLUMNS, rows=table_rows(rows))],
         figures={"rows": rows, "scans": max(args.scans),
                  "growth": {schedule: growth(rows, schedule) for schedule in args.schedules}},
-        notes=[f"The same count at M3D's 32 x 256 x 256 input ({M3D_TOKENS_PER_SCAN} tokens per scan), all FLOPs at "
-               f"S={max(args.scans)} over S=1: " + ", ".join(
+        notes=[f"The same count at M3D's 32 x 256 x 256 input ({tokens_per_scan_at(M3D_IMAGE_SIZE)} tokens per scan), "
+               f"all FLOPs at S={max(args.scans)} over S=1: " + ", ".join(
                    f"{schedule} {flop_growth(schedule, args, M3D_IMAGE_SIZE):.1f}x" for schedule in args.schedules)
                + "."],
     )

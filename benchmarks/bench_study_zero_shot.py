@@ -230,7 +230,8 @@ def main() -> None:
         "description": __doc__.split("\n\n")[1].replace("\n", " "),
         "tables": [{
             "caption": f"{len(train)} training and {args.test_studies} held-out phantom studies, "
-                       f"{args.single_series_fraction:.0%} of the findings in one series only; {len(test)} held-out studies that are normal or show their finding in one series only "
+                       f"{args.single_series_fraction:.0%} of the findings in one series only; {len(test)} held-out "
+                       "studies that are normal or show their finding in one series only "
                        f"({sum(labels)} with a hemorrhage); {args.steps} steps of batch {args.batch_size}, same seed, "
                        "initialisation and study order for both models. Zero-shot AUC of \"hemorrhage present\" in "
                        "each view of the held-out studies",
