@@ -86,7 +86,7 @@ def main() -> None:
     common.emit({
         "title": "Why the phantom encoder did not learn: VoxViT pooling probe",
         "command": common.command_line("bench_pooling.py", sys.argv[1:]),
-        "description": __doc__.split("\n\n")[1].replace("\n", " "),
+        "description": common.doc_description(__doc__),
         "tables": [{
             "caption": f"{args.cases} phantoms ({len(labels) - int(0.75 * len(labels))} held out), {args.steps} steps "
                        f"of batch {args.batch_size}, same data and seed for each pooling",

@@ -227,7 +227,7 @@ def main() -> None:
         "name": "study_zero_shot",
         "title": "Whole studies against one random series: zero-shot hemorrhage AUC",
         "command": common.command_line("bench_study_zero_shot.py", sys.argv[1:]),
-        "description": __doc__.split("\n\n")[1].replace("\n", " "),
+        "description": common.doc_description(__doc__),
         "tables": [{
             "caption": f"{len(train)} training and {args.test_studies} held-out phantom studies, "
                        f"{args.single_series_fraction:.0%} of the findings in one series only; {len(test)} held-out "

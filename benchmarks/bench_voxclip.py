@@ -134,7 +134,7 @@ def main() -> None:
         "name": "voxclip",
         "title": "VoxCLIP on phantoms: learning targets and the extra terms",
         "command": common.command_line("bench_voxclip.py", sys.argv[1:]),
-        "description": __doc__.split("\n\n")[1].replace("\n", " "),
+        "description": common.doc_description(__doc__),
         "tables": [{
             "caption": f"{args.cases} phantoms ({len(labels)} held-out patients for AUC, retrieval among the first 100 "
                        f"held-out pairs), {args.steps} steps of batch {args.batch_size}, extra terms at weight 1",

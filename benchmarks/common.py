@@ -109,6 +109,11 @@ def command_line(script: str, argv: list[str]) -> str:
     return " ".join(["python", f"benchmarks/{script}", *without_flags(argv)])
 
 
+def doc_description(doc: str) -> str:
+    """A benchmark module docstring's second paragraph (what it measures) on one line, for its RESULTS.md section."""
+    return doc.split("\n\n")[1].replace("\n", " ")
+
+
 # ----------------------------------------------------------------------------------------------------------- timing
 def synchronize(device: str) -> None:
     import torch
