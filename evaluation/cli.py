@@ -22,11 +22,12 @@ TASKS = {
 }
 
 
-def held_out_samples(data: str, task: str, volume_processor, limit: int, split: str = "test",
+def held_out_samples(data: str, task: str, volume_processor, limit: int | None, split: str = "test",
                      shuffle_buffer: int = 0) -> list[dict]:
-    """The first `limit` preprocessed samples of a task's rows in `split`: in stored order, or with `shuffle_buffer`
-    drawn through a fixed shuffle (seed 0) so that they spread over the split's patients (stored order puts a
-    patient's questions side by side; the buffer holds that many rows, image bytes included, in memory)."""
+    """The first `limit` (`None`: all) preprocessed samples of a task's rows in `split`: in stored order, or with
+    `shuffle_buffer` drawn through a fixed shuffle (seed 0) so that they spread over the split's patients (stored
+    order puts a patient's questions side by side; the buffer holds that many rows, image bytes included, in
+    memory)."""
     from voxlm.training.data import PreprocessedStream, stream_rows
 
     if task not in TASKS:

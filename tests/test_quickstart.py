@@ -27,7 +27,8 @@ print(json.dumps([answer["text"] for answer in processor.post_process_generation
 def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     # Through the `voxlm` command, which must exit 0 (a command's result is not an exit status).
     assert cli.main(["quickstart", "--output-dir", str(tmp_path), "--num-cases", "16", "--clip-steps", "2",
-                     "--align-steps", "2", "--finetune-steps", "2", "--eval-samples", "4"]) == 0
+                     "--align-steps", "2", "--finetune-steps", "2", "--eval-samples", "4",
+                     "--closed-vqa-samples", "4"]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     results = saved["results"]
     assert {r["task"] for r in results} == {"closed VQA", "segmentation", "retrieval"}
@@ -69,7 +70,8 @@ def test_quickstart_model_answers_about_new_phantoms_better_than_chance(tmp_path
     from voxlm.training.quickstart import QuickstartSettings, run_quickstart
 
     run_quickstart(QuickstartSettings(output_dir=str(tmp_path), align_steps=10, finetune_steps=1200,
-                                      finetune_tasks={"vqa": 1.0}, eval_samples=8))
+                                      finetune_tasks={"vqa": 1.0}, eval_samples=8,
+                                      closed_vqa_samples=8))
     bleeds, others = [], []
     for seed in range(100_000, 100_200):  # patients the quickstart never saw
         finding = generate_case(seed, shape=(32, 64, 64)).finding
