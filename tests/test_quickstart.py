@@ -27,12 +27,11 @@ print(json.dumps([answer["text"] for answer in processor.post_process_generation
 def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     # Through the `voxlm` command, which must exit 0 (a command's result is not an exit status).
     assert cli.main(["quickstart", "--output-dir", str(tmp_path), "--num-cases", "16", "--clip-steps", "2",
-                     "--align-steps", "2", "--finetune-steps", "2", "--eval-samples", "4",
-                     "--closed-vqa-samples", "4"]) == 0
+                     "--align-steps", "2", "--finetune-steps", "2", "--eval-samples", "4"]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     results = saved["results"]
     assert {r["task"] for r in results} == {"closed VQA", "segmentation", "retrieval"}
-    assert all(0.0 <= r["value"] <= 1.0 for r in results) and len(saved["closed_vqa"]["predictions"]) == 4
+    assert all(0.0 <= r["value"] <= 1.0 for r in results)
     model_dir = tmp_path / "finetune" / "final" / "model"
     card = (model_dir / "README.md").read_text()
     assert "model-index" in card and "clinical decision-making" in card
@@ -47,10 +46,13 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads(result.stdout.strip().splitlines()[-1])) == 1
 
-    # `voxlm evaluate` on the folder the quickstart left reproduces the numbers it printed.
-    closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=4, shuffle_buffer=EVAL_SHUFFLE_BUFFER)
+    # `voxlm evaluate` on the folder the quickstart left reproduces the numbers it printed; closed VQA scores every
+    # held-out closed question (eight per test patient), not `--eval-samples` of them.
+    closed = evaluate(str(model_dir), str(tmp_path / "data"), "vqa-closed", limit=1000,
+                      shuffle_buffer=EVAL_SHUFFLE_BUFFER)
     printed = next(r for r in results if r["task"] == "closed VQA")
-    assert closed["metrics"]["accuracy_m3d"] == printed["value"] and closed["num_samples"] == 4
+    assert closed["metrics"]["accuracy_m3d"] == printed["value"]
+    assert closed["num_samples"] == len(saved["closed_vqa"]["predictions"]) > 4 and closed["num_samples"] % 8 == 0
     groups = closed["metrics"]["per_question"]
     assert groups and all(question.endswith("?") and "A." not in question for question in groups)
     rec = evaluate(str(model_dir), str(tmp_path / "data"), "rec", limit=2)
