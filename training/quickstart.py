@@ -77,7 +77,7 @@ def run(settings: QuickstartSettings, stage_settings: dict, name: str) -> RunSet
 
 
 def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_samples: int,
-                        closed_vqa_samples: int | None = None) -> tuple[list[dict], dict]:
+                        closed_vqa_samples: int | None) -> tuple[list[dict], dict]:
     """Held-out results as `model-index`-ready records, and the closed-VQA details (accuracy per question and every
     prediction)."""
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
