@@ -37,7 +37,7 @@ CLIP_MODEL_ENV = "VOXLM_CLIP_MODEL"
 DEFAULT_MODEL = "voxlm-quickstart/finetune/final/model"
 DEFAULT_CLIP_MODEL = "voxlm-quickstart/clip/final"
 HOW_TO_GET_A_MODEL = (
-    "Train one on this machine with `voxlm quickstart` (about 11 minutes on a laptop CPU; it leaves "
+    "Train one on this machine with `voxlm quickstart` (11 to 13 minutes on a laptop CPU; it leaves "
     f"{DEFAULT_MODEL} and {DEFAULT_CLIP_MODEL}), or point {MODEL_ENV} / {CLIP_MODEL_ENV} (or --model) at a saved "
     "folder or a Hub repo id."
 )

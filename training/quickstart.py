@@ -35,7 +35,7 @@ EVAL_SHUFFLE_BUFFER = 4096
 
 @dataclass
 class QuickstartSettings:
-    """The sizes of the quickstart (defaults: about 11 minutes on 2 idle CPU cores).
+    """The sizes of the quickstart (defaults: 11 to 13 minutes on 2 CPU cores).
 
     Args:
         output_dir (`str`): everything goes here; the final model in `<output_dir>/model`.
