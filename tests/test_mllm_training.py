@@ -1,7 +1,9 @@
 """The MLLM stages on phantoms: align then LoRA fine-tuning with segmentation, saved folders that load and generate,
-merge-lora, a 2-process fine-tuning run, and SmolLM2 (a real LLM, loaded offline) with LoRA."""
+merge-lora, a 2-process fine-tuning run, resuming fine-tuning, and SmolLM2 (a real LLM, loaded offline) with LoRA."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +110,31 @@ def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
                             env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert type(AutoModel.from_pretrained(tmp_path / "final" / "model")).__name__ == "VoxLMForConditionalGeneration"
+
+
+def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path):
+    """A LoRA fine-tuning run with a task mix and segmentation, stopped after step 2 (its checkpoint at step 2 without
+    the later one), resumes on the losses of the run that went straight through: model, optimizer, schedule, the
+    mix's draws and the stream's position all come back."""
+    root, aligned, _ = stages
+    # LoRA dropout off: with it on, the resumed run's dropout masks differ (losses agree to about 1e-5 relative).
+    common = [f"init_from={aligned}", f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null",
+              "run.max_steps=4", "run.checkpoint_every=2", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+              "data.tasks={vqa: 0.5, seg: 0.5}"]
+    finetune.train(settings([*common, f"run.output_dir={tmp_path / 'straight'}"]))
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight" / "checkpoints", stopped / "checkpoints")
+    shutil.rmtree(stopped / "checkpoints" / "checkpoint_1")
+    finetune.train(settings([*common, f"run.output_dir={stopped}", "run.resume=true"]))
+
+    def losses(folder):
+        return {(record := json.loads(line))["step"]: record["loss"]
+                for line in (folder / "finetune_history.jsonl").read_text().splitlines()}
+
+    straight, after_resume = losses(tmp_path / "straight"), losses(stopped)
+    assert sorted(after_resume) == [3, 4]
+    for step, loss in after_resume.items():
+        assert loss == pytest.approx(straight[step], abs=1e-5), step
 
 
 def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():
