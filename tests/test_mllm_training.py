@@ -115,11 +115,10 @@ def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
 def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path):
     """A LoRA fine-tuning run with a task mix and segmentation, stopped after step 2 (its checkpoint at step 2 without
     the later one), resumes on the losses of the run that went straight through: model, optimizer, schedule, the
-    mix's draws and the stream's position all come back."""
+    mix's draws, the stream's position and the RNG of LoRA's dropout (on, at its default) all come back."""
     root, aligned, _ = stages
-    # LoRA dropout off: with it on, the resumed run's dropout masks differ (losses agree to about 1e-5 relative).
     common = [f"init_from={aligned}", f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null",
-              "run.max_steps=4", "run.checkpoint_every=2", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+              "run.max_steps=4", "run.checkpoint_every=2", "lora.r=4", "lora.alpha=8",
               "data.tasks={vqa: 0.5, seg: 0.5}"]
     finetune.train(settings([*common, f"run.output_dir={tmp_path / 'straight'}"]))
     stopped = tmp_path / "stopped"
@@ -134,7 +133,7 @@ def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path):
     straight, after_resume = losses(tmp_path / "straight"), losses(stopped)
     assert sorted(after_resume) == [3, 4]
     for step, loss in after_resume.items():
-        assert loss == pytest.approx(straight[step], abs=1e-5), step
+        assert loss == pytest.approx(straight[step], abs=1e-6), step
 
 
 def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():

@@ -14,7 +14,9 @@ from datasets import interleave_datasets
 from voxlm.modeling.losses import label_positions
 from voxlm.training.assemble import ModelSettings, build_voxlm
 from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_rows
-from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training
+from voxlm.training.loop import (
+    RunSettings, build_accelerator, epoch_loader, load_settings, parse_overrides, run_training,
+)
 from voxlm.training.trainable import LoraSettings
 
 
@@ -100,9 +102,9 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
     volume_processor = processor.image_processor
 
     def batches_for_epoch(epoch: int):
-        rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, settings.run.seed + epoch)
-        return torch.utils.data.DataLoader(PreprocessedStream(rows, volume_processor), batch_size=settings.run.batch_size,
-                                           num_workers=settings.run.num_workers, collate_fn=collator)
+        seed = settings.run.seed + epoch
+        rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, seed)
+        return epoch_loader(PreprocessedStream(rows, volume_processor), settings.run, collator, seed)
 
     model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage)
     return model, processor, accelerator

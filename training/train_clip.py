@@ -28,7 +28,9 @@ from voxlm.modeling import VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.training.data.studies import StudyCollator, StudySampling
-from voxlm.training.loop import RunSettings, build_accelerator, load_settings, parse_overrides, run_training, save_final
+from voxlm.training.loop import (
+    RunSettings, build_accelerator, epoch_loader, load_settings, parse_overrides, run_training, save_final,
+)
 from voxlm.training.trainable import freeze_text_layers
 
 logger = logging.getLogger(__name__)
@@ -219,8 +221,7 @@ def train(settings: ClipSettings) -> Path:
                                  seed=seed * accelerator.num_processes + accelerator.process_index)
         # Study rows go to the collator whole: it samples their series and preprocesses each with its window.
         samples = rows if data.config == "study" else PreprocessedStream(rows, processor)
-        return torch.utils.data.DataLoader(samples, batch_size=settings.run.batch_size,
-                                           num_workers=settings.run.num_workers, collate_fn=collator)
+        return epoch_loader(samples, settings.run, collator, seed)
 
     model, _, accelerator = run_training(model, batches_for_epoch, clip_train_step, settings.run, accelerator,
                                          stage="pretrain-clip")
