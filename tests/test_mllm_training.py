@@ -100,6 +100,22 @@ def test_full_finetune_trains_the_llm_not_the_encoder_and_saves_a_plain_model(st
     assert any(name.startswith("seg_head.") for name in changed)
 
 
+def test_a_trained_encoder_at_learning_rate_zero_stays_while_the_rest_trains(stages, tmp_path):
+    """`run.module_learning_rates` reaches the optimizer: the encoder trains (`lora.train_vision`) at its own rate,
+    0 here, so it keeps its weights while the projector moves; the settings reach TensorBoard flattened."""
+    root, aligned, _ = stages
+    tuned = finetune.train(settings([f"data.path={root / 'data'}", "run.batch_size=2", "run.max_steps=2",
+                                     f"init_from={aligned}", "lora.r=4", "lora.alpha=8", "lora.train_vision=true",
+                                     "run.module_learning_rates={vision_tower: 0.0}", "run.tracker=tensorboard",
+                                     f"run.output_dir={tmp_path}"]))
+    before, after = AutoModel.from_pretrained(aligned).state_dict(), AutoModel.from_pretrained(tuned / "model")
+    changed = {name for name, p in after.state_dict().items() if not torch.equal(p, before[name])}
+    assert any(name.startswith("multi_modal_projector.") for name in changed)
+    assert not any(name.startswith("vision_tower.") for name in changed), changed
+    hparams = next(tmp_path.rglob("hparams.yml")).read_text()
+    assert "module_learning_rates.vision_tower: 0.0" in hparams
+
+
 def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
     root, aligned, _ = stages
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

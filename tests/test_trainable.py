@@ -5,6 +5,7 @@ import torch
 from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, VOCAB_SIZE, tiny_vision_config, tiny_voxlm_config
 
 from voxlm.modeling import VoxCLIPModel, VoxLMForConditionalGeneration
+from voxlm.training.loop import parameter_groups
 from voxlm.training.trainable import (
     LoraSettings,
     apply_lora,
@@ -60,6 +61,27 @@ def test_lora_trains_adapters_projector_seg_head_and_new_tokens_and_saves_them(t
     assert (tmp_path / "adapter_model.safetensors").is_file()
     merged = model.merge_and_unload()
     assert type(merged) is VoxLMForConditionalGeneration
+
+
+def test_module_learning_rates_give_the_trained_encoder_its_own_groups():
+    model = apply_lora(VoxLMForConditionalGeneration(tiny_voxlm_config()), LoraSettings(r=4, alpha=8, train_vision=True))
+    groups = parameter_groups(model, 0.01, {"vision_tower": "1e-5"})  # YAML reads 1e-5 as a string
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    encoder = {id(p) for name, p in trainable.items() if ".vision_tower." in name}
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert encoder and sorted(grouped) == sorted(id(p) for p in trainable.values())  # each once
+    own = [group for group in groups if "lr" in group]
+    assert [(group["lr"], group["weight_decay"]) for group in own] == [(1e-5, 0.01), (1e-5, 0.0)]
+    assert {id(p) for group in own for p in group["params"]} == encoder
+    assert len(groups) == 4 and len(parameter_groups(model, 0.01)) == 2
+
+
+def test_module_learning_rates_refuse_a_module_with_nothing_to_train():
+    model = apply_lora(VoxLMForConditionalGeneration(tiny_voxlm_config()), LoraSettings(r=4, alpha=8))
+    with pytest.raises(ValueError, match=r"no trainable parameter: \['vision_tower'\]"):
+        parameter_groups(model, 0.01, {"vision_tower": 1e-5})  # the encoder is frozen without train_vision
+    with pytest.raises(ValueError, match=r"no trainable parameter: \['multi_modal'\]"):
+        parameter_groups(model, 0.01, {"multi_modal": 1e-5})  # a whole module name, not a prefix
 
 
 @pytest.mark.parametrize("trainable_layers", [0, 2])

@@ -51,6 +51,9 @@ class RunSettings:
             compute) for a fraction of the activation memory (`benchmarks/RESULTS.md`, training step memory).
         compile (`bool`): compile the model in place with `torch.compile` (`nn.Module.compile`, so checkpoints and
             `save_pretrained` see the same module and keys); the first steps pay the compilation.
+        module_learning_rates (`dict[str, float]`): a learning rate of their own for the parameters under these
+            modules, named as in the model (`{vision_tower: 2.0e-5}`: a pre-trained encoder fine-tuned more gently
+            than the projector and the LLM, as LLaVA's `mm_vision_tower_lr`); the schedule scales them alike.
     """
 
     output_dir: str = "runs/voxlm"
@@ -71,6 +74,7 @@ class RunSettings:
     find_unused_parameters: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
+    module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
@@ -128,15 +132,29 @@ class StepCounter:
         self.step = state["step"]
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, without weight decay on biases, norms and embeddings (AdamW convention)."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float,
+                     module_learning_rates: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters in AdamW groups: without weight decay on biases, norms and embeddings (AdamW convention),
+    and with the learning rate of `module_learning_rates` for those under one of its modules (a name or dotted path
+    found whole within the parameter's name, so under a PEFT wrapper too; the first that matches wins). A module
+    there that holds no trainable parameter raises `ValueError`: the rate would silently apply to nothing."""
+    rates = {module: float(rate) for module, rate in (module_learning_rates or {}).items()}
+    grouped = {(module, decays): [] for module in [None, *rates] for decays in (True, False)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        module = next((module for module in rates if f".{module}." in f".{name}."), None)
         is_vector = parameter.dim() < 2 or "embed" in name or "norm" in name or "token" in name
-        (no_decay if is_vector else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        grouped[module, not is_vector].append(parameter)
+    empty = [module for module in rates if not grouped[module, True] and not grouped[module, False]]
+    if empty:
+        raise ValueError(f"run.module_learning_rates names modules with no trainable parameter: {empty}")
+    groups = []
+    for (module, decays), parameters in grouped.items():
+        if module is None or parameters:  # the two default groups always exist, as checkpoints expect
+            group = {"params": parameters, "weight_decay": weight_decay if decays else 0.0}
+            groups.append(group if module is None else {**group, "lr": rates[module]})
+    return groups
 
 
 def build_accelerator(settings: RunSettings) -> Accelerator:
@@ -164,6 +182,18 @@ def apply_speed_settings(model: torch.nn.Module, settings: RunSettings) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if settings.compile:
         model.compile()
+
+
+def tracker_config(settings: RunSettings) -> dict:
+    """The settings as the flat scalars a tracker takes (TensorBoard's hyperparameters refuse `None` and dicts):
+    `module_learning_rates` becomes `module_learning_rates.vision_tower` and the like."""
+    config = {}
+    for key, value in dataclasses.asdict(settings).items():
+        if isinstance(value, dict):
+            config.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+        elif value is not None:
+            config[key] = value
+    return config
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -209,7 +239,8 @@ def run_training(
     accelerator = accelerator or build_accelerator(settings)
     set_seed(settings.seed)
     apply_speed_settings(model, settings)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    groups = parameter_groups(model, settings.weight_decay, settings.module_learning_rates)
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     counter = StepCounter()
@@ -220,7 +251,7 @@ def run_training(
         accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
         logger.info("Resumed from %s at step %d", checkpoint, counter.step)
     if settings.tracker:
-        accelerator.init_trackers(stage, config={k: v for k, v in dataclasses.asdict(settings).items() if v is not None})
+        accelerator.init_trackers(stage, config=tracker_config(settings))
     history_path = Path(settings.output_dir) / f"{stage}_history.jsonl"
     history_path.parent.mkdir(parents=True, exist_ok=True)
     history = []

@@ -65,7 +65,8 @@ class LoraSettings:
             with no pre-training to preserve, such as the quickstart's randomly initialised tiny Llama: LoRA cannot
             teach it language, since its embeddings and output head stay frozen and random.
         r (`int`), alpha (`int`), dropout (`float`): LoRA's rank, scaling and dropout.
-        train_vision (`bool`): also train the encoder fully (saved with the adapter through `modules_to_save`).
+        train_vision (`bool`): also train the encoder fully (saved with the adapter through `modules_to_save`);
+            `run.module_learning_rates={vision_tower: ...}` gives it a learning rate of its own.
         extra_modules (`list[str]`): further modules trained fully and saved with the adapter.
         frozen_dtype (`str`, *optional*): `"bf16"` stores every frozen parameter (the LLM's base weights, a frozen
             encoder) in bfloat16 while the trained ones stay float32: half the weight memory, which is what lets the
