@@ -203,9 +203,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def epoch_loader(samples, settings: RunSettings, collate_fn, seed: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over one epoch's samples with its own generator, seeded per epoch. Creating a loader draws the
-    workers' base seed; from the process-wide RNG, that draw would shift the dropout masks of a resumed run, which
-    creates its loader after restoring the RNG state, away from those of the run that went straight through."""
+    """A DataLoader over one epoch's samples with its own generator, seeded per epoch. Iterating a loader draws the
+    workers' base seed. Drawn from the process-wide RNG, it would shift the dropout masks of a resumed run (which
+    starts its loader after restoring the RNG state) away from those of the run that went straight through."""
     return torch.utils.data.DataLoader(samples, batch_size=settings.batch_size, num_workers=settings.num_workers,
                                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
