@@ -100,6 +100,12 @@ def test_full_finetune_trains_the_llm_not_the_encoder_and_saves_a_plain_model(st
     assert any(name.startswith("seg_head.") for name in changed)
 
 
+def test_settings_read_exponent_floats_without_a_dot_as_numbers():
+    run = settings(["run.learning_rate=3e-4", "run.module_learning_rates={vision_tower: 1e-5}"]).run
+    assert run.learning_rate == 3e-4 and run.module_learning_rates == {"vision_tower": 1e-5}
+    assert isinstance(run.module_learning_rates["vision_tower"], float)
+
+
 def test_a_trained_encoder_at_learning_rate_zero_stays_while_the_rest_trains(stages, tmp_path):
     """`run.module_learning_rates` reaches the optimizer: the encoder trains (`lora.train_vision`) at its own rate,
     0 here, so it keeps its weights while the projector moves; the settings reach TensorBoard flattened."""

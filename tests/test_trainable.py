@@ -65,7 +65,7 @@ def test_lora_trains_adapters_projector_seg_head_and_new_tokens_and_saves_them(t
 
 def test_module_learning_rates_give_the_trained_encoder_its_own_groups():
     model = apply_lora(VoxLMForConditionalGeneration(tiny_voxlm_config()), LoraSettings(r=4, alpha=8, train_vision=True))
-    groups = parameter_groups(model, 0.01, {"vision_tower": "1e-5"})  # YAML reads 1e-5 as a string
+    groups = parameter_groups(model, 0.01, {"vision_tower": 1e-5})
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     encoder = {id(p) for name, p in trainable.items() if ".vision_tower." in name}
     grouped = [id(p) for group in groups for p in group["params"]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
@@ -77,15 +78,30 @@ class RunSettings:
     module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+class SettingsLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: PyYAML (YAML 1.1) reads `3e-4` or `1e-5`, written without a dot, as a string."""
+
+
+SettingsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+)$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=SettingsLoader)
+
+
 def load_settings(cls, path: str | Path | None, overrides: dict | None = None):
     """A (nested) settings dataclass from a YAML file plus `key=value` overrides (`run.max_steps=10`)."""
-    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    values = read_yaml(Path(path).read_text()) if path else {}
     for dotted, value in (overrides or {}).items():
         target = values
         *parents, last = dotted.split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[last] = yaml.safe_load(value) if isinstance(value, str) else value
+        target[last] = read_yaml(value) if isinstance(value, str) else value
     return build_dataclass(cls, values or {})
 
 
@@ -102,8 +118,8 @@ def build_dataclass(cls, values: dict, base=None):
         default = getattr(base, name)
         if dataclasses.is_dataclass(default):
             value = build_dataclass(type(default), value, base=default)
-        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = float(value)  # YAML reads "3e-4" as a string
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # `learning_rate: 1`
         changes[name] = value
     return dataclasses.replace(base, **changes)
 
@@ -138,7 +154,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
     and with the learning rate of `module_learning_rates` for those under one of its modules (a name or dotted path
     found whole within the parameter's name, so under a PEFT wrapper too; the first that matches wins). A module
     there that holds no trainable parameter raises `ValueError`: the rate would silently apply to nothing."""
-    rates = {module: float(rate) for module, rate in (module_learning_rates or {}).items()}
+    rates = module_learning_rates or {}
     grouped = {(module, decays): [] for module in [None, *rates] for decays in (True, False)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
