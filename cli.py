@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import platform
 import sys
 
 from voxlm import inference
 from voxlm.evaluation import cli as evaluation_cli
 from voxlm.training import finetune, pretrain_projector, quickstart, scaling, train_clip
 from voxlm.training.data import phantom_dataset
+
+
+# What `voxlm env` reports: the releases a bug report needs (pyproject.toml's dependencies that break most often).
+REPORTED_PACKAGES = (
+    "voxlm", "torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "huggingface_hub", "tokenizers",
+    "monai", "numpy", "nibabel", "pydicom", "SimpleITK", "gradio",
+)
+
+
+def print_environment(args=None) -> None:
+    """Print Python's and the installed releases' versions, to paste into a bug report."""
+    print(f"python: {platform.python_version()} ({platform.platform()})")
+    for package in REPORTED_PACKAGES:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package}: {version}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_parser(stages)
     finetune.add_merge_parser(subparsers)
     inference.add_parsers(subparsers)
+    subparsers.add_parser("env", help="print the versions of Python and the installed releases, for a bug report"
+                          ).set_defaults(func=print_environment)
     return parser
 
 

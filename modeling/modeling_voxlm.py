@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_voxlm import VoxLMConfig
@@ -31,31 +32,29 @@ from .modeling_voxvit import VoxViTModel, pool_scan_tokens
 
 
 @dataclass
-class VoxLMCausalLMOutputWithPast(ModelOutput):
-    """Output of [`VoxLMForConditionalGeneration.forward`].
+class VoxLMCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Output of [`VoxLMForConditionalGeneration.forward`]: the causal LM's output plus the image and mask fields.
+
+    The LM's fields are inherited from transformers' `CausalLMOutputWithPast`, so the KV cache carries the name the
+    installed transformers gives it (`cache` from 5.24 on, `past_key_values` before) and `generate` finds it.
 
     Args:
         loss (`torch.Tensor`, *optional*): `lm_loss` plus the weighted segmentation losses, when `labels` are given.
+        logits (`torch.Tensor` of shape `(B, L, V)`): LM logits.
+        cache / past_key_values (`Cache`, *optional*): the LM's KV cache.
+        hidden_states (`tuple[torch.Tensor]`, *optional*), attentions (`tuple[torch.Tensor]`, *optional*): the LM's.
         lm_loss (`torch.Tensor`, *optional*): next-token cross-entropy on the answer tokens.
         seg_dice_loss (`torch.Tensor`, *optional*), seg_bce_loss (`torch.Tensor`, *optional*): the unweighted
             segmentation losses, when `seg_masks` are given and some sample holds `[SEG]`.
-        logits (`torch.Tensor` of shape `(B, L, V)`): LM logits.
-        past_key_values (`Cache`, *optional*): the LM's KV cache.
-        hidden_states (`tuple[torch.Tensor]`, *optional*), attentions (`tuple[torch.Tensor]`, *optional*): the LM's.
         image_hidden_states (`torch.Tensor` of shape `(B, N_img, E_llm)`, *optional*): projected image features.
         seg_logits (`torch.Tensor` of shape `(B_seg, 1, D, H, W)`, *optional*): mask logits of the samples in
             `seg_sample_indices`.
         seg_sample_indices (`torch.Tensor` of shape `(B_seg,)`, *optional*): which batch rows `seg_logits` belong to.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     seg_dice_loss: torch.FloatTensor | None = None
     seg_bce_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     seg_logits: torch.FloatTensor | None = None
     seg_sample_indices: torch.LongTensor | None = None
@@ -230,7 +229,8 @@ class VoxLMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VoxViTBlock", "VoxSegTwoWayLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    # The KV cache's name in transformers >= 5.24, and before.
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -500,7 +500,6 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         scan_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         seg_masks: torch.Tensor | None = None,
@@ -533,6 +532,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
                 positions); with `labels`, a tensor of positions (training passes `label_positions(labels)`) computes
                 logits, and the LM loss, only there.
             return_dict (`bool`, *optional*): accepted for `generate`; the output is always a `ModelOutput`.
+            kwargs: passed to the LM, among them the KV cache under the name the installed transformers gives it
+                (`cache` from 5.24 on, `past_key_values` before).
         """
         if inputs_embeds is None:
             inputs_embeds, patch_features, image_features = self.embed_inputs(input_ids, pixel_values, scan_mask)
@@ -543,7 +544,6 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=bool(output_hidden_states) or wants_seg,
@@ -562,12 +562,12 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             logit_positions = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else None
             losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets, logit_positions)
+        lm_fields = dict(lm_outputs)  # logits, the cache, hidden states, attentions: as the installed LM names them
+        if not output_hidden_states:
+            lm_fields.pop("hidden_states", None)  # computed only for the seg head
         return VoxLMCausalLMOutputWithPast(
+            **lm_fields,
             **losses,
-            logits=lm_outputs.logits,
-            past_key_values=lm_outputs.past_key_values,
-            hidden_states=lm_outputs.hidden_states if output_hidden_states else None,
-            attentions=lm_outputs.attentions,
             image_hidden_states=image_features,
             seg_logits=seg_logits,
             seg_sample_indices=sample_indices,

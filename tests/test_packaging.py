@@ -51,3 +51,17 @@ def test_plain_pip_install_gives_the_voxlm_namespace(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "8"
+
+
+def test_voxlm_env_prints_the_installed_releases(capsys):
+    """`voxlm env` (the README's first step when a release breaks something) reports what is installed."""
+    import importlib.metadata
+    import platform
+
+    from voxlm.cli import main
+
+    assert main(["env"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["python"].startswith(platform.python_version())
+    for package in ("torch", "transformers", "accelerate", "datasets", "peft", "voxlm"):
+        assert lines[package] == importlib.metadata.version(package), package
