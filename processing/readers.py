@@ -75,11 +75,15 @@ class ReadLimits:
     max_files: int = 10_000
 
 
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.{1 if size < 10 * 2**20 else 0}f} MiB"
+
+
 def _check_bytes(needed: int, limits: ReadLimits, source: str, what: str) -> None:
     if needed > limits.max_bytes:
         raise VolumeError(
-            f"{source}: reading it takes about {needed / 2**20:,.0f} MiB ({what}), above the "
-            f"{limits.max_bytes / 2**20:,.0f} MiB this read may take; raise ReadLimits.max_bytes if it is genuine"
+            f"{source}: reading it takes about {_mib(needed)} ({what}), above the "
+            f"{_mib(limits.max_bytes)} this read may take; raise ReadLimits.max_bytes if it is genuine"
         )
 
 
@@ -94,7 +98,7 @@ def _check_files(count: int, limits: ReadLimits, source: str, what: str) -> None
 def _out_of_memory(source: str, limits: ReadLimits) -> VolumeError:
     return VolumeError(
         f"{source}: the volume does not fit in this process's memory, although it is within ReadLimits.max_bytes "
-        f"({limits.max_bytes / 2**20:,.0f} MiB); give the process more memory, or lower max_bytes so that such "
+        f"({_mib(limits.max_bytes)}); give the process more memory, or lower max_bytes so that such "
         "volumes are refused before reading"
     )
 
@@ -445,7 +449,7 @@ def _dicom_image_headers(paths, limits: ReadLimits, source: str) -> list[tuple[P
                 size = _inflated_size(path, offset, cap)
                 if size > cap:
                     raise VolumeError(
-                        f"{source}: the deflated DICOM file {path.name} inflates to more than {cap / 2**20:,.0f} MiB; "
+                        f"{source}: the deflated DICOM file {path.name} inflates to more than {_mib(cap)}; "
                         "raise ReadLimits.max_bytes or max_unpacked_bytes if it is genuine"
                     )
                 inflated += size
@@ -590,7 +594,7 @@ def safe_extract_zip(path: Path, destination: Path, *, max_bytes: int, max_entri
             total += member.file_size
             if total > max_bytes:
                 raise VolumeError(
-                    f"{path.name}: the archive unpacks to more than {max_bytes / 2**20:,.0f} MiB; raise "
+                    f"{path.name}: the archive unpacks to more than {_mib(max_bytes)}; raise "
                     "ReadLimits.max_unpacked_bytes if it is genuine"
                 )
         for member in members:
