@@ -440,11 +440,13 @@ def _dicom_image_headers(paths, limits: ReadLimits, source: str) -> list[tuple[P
     inflated = 0
     for path in paths:
         try:
-            meta = pydicom.filereader.read_file_meta_info(path)
+            with open(path, "rb") as handle:
+                pydicom.filereader.read_preamble(handle, False)
+                # pydicom's own reading of the file meta group (private, but what dcmread calls): it leaves the file
+                # where dcmread goes on reading, so the stream measured is the one pydicom would inflate.
+                meta = pydicom.filereader._read_file_meta_info(handle)
+                offset = handle.tell()
             if meta.get("TransferSyntaxUID") == DEFLATED_DICOM:
-                # The deflated stream starts after the preamble (128 + 4 bytes), the group length element (12) and
-                # the file meta group it counts.
-                offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
                 cap = min(limits.max_bytes, limits.max_unpacked_bytes - inflated)
                 size = _inflated_size(path, offset, cap)
                 if size > cap:
@@ -713,7 +715,8 @@ def _check_values(volume: Volume, nan_policy: str, allow_constant: bool) -> Volu
     if not finite.all():
         if nan_policy == "error":
             raise VolumeError(
-                f"{volume.source}: {int((~finite).sum()):,} voxels are NaN or Inf; fix the file or pass nan_policy='zero'"
+                f"{volume.source}: {int((~finite).sum()):,} voxels are NaN or Inf; fix the file or pass "
+                "nan_policy='zero'"
             )
         volume.array[~finite] = 0.0
     if not allow_constant and volume.array.min() == volume.array.max():

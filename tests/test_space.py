@@ -124,7 +124,7 @@ def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
     phantom = write_phantom(tmp_path / "phantom.nii.gz")
     monkeypatch.setattr(app, "READ_LIMITS", ReadLimits(max_bytes=2**16))
     view, *_, status = app.load(str(phantom), "brain")
-    assert view is None and status.startswith("**Cannot use this file:** phantom.nii.gz: reading it takes about 0 MiB")
+    assert view is None and status.startswith("**Cannot use this file:** phantom.nii.gz: reading it takes about 0.2")
     assert "ReadLimits.max_bytes" in status and str(tmp_path) not in status
     monkeypatch.setattr(app, "READ_LIMITS", ReadLimits())
     (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
