@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from voxlm.processing import Study, Volume, VolumeMetadata, read_study, read_volume
+from voxlm.processing import ReadLimits, Study, Volume, VolumeMetadata, read_study, read_volume
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +171,30 @@ def load_voxclip(name: str | None = None, device: str | torch.device | None = No
     )
 
 
-def read_input(volume, volume_processor) -> Volume:
-    """Read a path (or array) once, with the processor's limits, into the canonical layout."""
-    return read_volume(volume, max_voxels=volume_processor.max_voxels, nan_policy=volume_processor.nan_policy)
+# Environment variables that set `ReadLimits` fields (the Space's settings), with the unit of their values.
+READ_LIMIT_VARIABLES = {"VOXLM_MAX_VOLUME_MB": ("max_bytes", 2**20),
+                        "VOXLM_MAX_UNPACKED_MB": ("max_unpacked_bytes", 2**20), "VOXLM_MAX_FILES": ("max_files", 1)}
 
 
-def read_study_input(source, volume_processor, max_series: int | None = None) -> Study:
-    """Read a study once, with the processor's limits: a DICOM folder or `.zip` (its series), a list of files, or a
-    single volume file (a one-series study)."""
-    return read_study(source, max_series=max_series, max_voxels=volume_processor.max_voxels,
+def read_limits_from_environment() -> ReadLimits:
+    """`ReadLimits` with the fields that `READ_LIMIT_VARIABLES` set in the environment (MiB, or a file count), the
+    others at their defaults."""
+    return ReadLimits(**{field: int(float(os.environ[name]) * unit)
+                         for name, (field, unit) in READ_LIMIT_VARIABLES.items() if name in os.environ})
+
+
+def read_input(volume, volume_processor, limits: ReadLimits | None = None) -> Volume:
+    """Read a path (or array) once, with the processor's voxel limit and NaN policy and the reader's `limits`
+    (`ReadLimits()` by default), into the canonical layout."""
+    return read_volume(volume, max_voxels=volume_processor.max_voxels, limits=limits,
+                       nan_policy=volume_processor.nan_policy)
+
+
+def read_study_input(source, volume_processor, max_series: int | None = None,
+                     limits: ReadLimits | None = None) -> Study:
+    """Read a study once, with the processor's voxel limit and NaN policy and the reader's `limits`: a DICOM folder
+    or `.zip` (its series), a list of files, or a single volume file (a one-series study)."""
+    return read_study(source, max_series=max_series, max_voxels=volume_processor.max_voxels, limits=limits,
                       nan_policy=volume_processor.nan_policy)
 
 

@@ -18,6 +18,12 @@ PLANES = ("axial", "coronal", "sagittal")
 MASK_COLOUR = np.array([1.0, 0.15, 0.1])
 BOX_COLOUR = np.array([1.0, 0.85, 0.0])
 MASK_ALPHA = 0.45
+# A rendered plane is at most this many pixels (~12 MB of RGB): volumes with a huge grid or spacing are drawn smaller.
+MAX_PIXELS = 2048 * 2048
+# Voxels are drawn at most this many times taller than wide (or wider than tall): a 100,000 mm slice or a 1e-4 mm
+# pixel would otherwise ask for a plane of billions of pixels. Real scans stay well below (5 mm slices of 0.4 mm
+# pixels: 12.5).
+MAX_VOXEL_ASPECT = 50.0
 
 
 def window_settings(choice: str) -> tuple[str | None, str | None]:
@@ -52,7 +58,8 @@ def _outline(rgb: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> N
 
 
 def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0, 1.0), mask: np.ndarray | None = None,
-                 boxes=(), min_size: int = 256) -> np.ndarray:
+                 boxes=(), min_size: int = 256, max_pixels: int = MAX_PIXELS,
+                 max_voxel_aspect: float = MAX_VOXEL_ASPECT) -> np.ndarray:
     """One slice as an RGB image with the mask and the boxes drawn on it.
 
     Args:
@@ -63,6 +70,10 @@ def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0,
         mask (`np.ndarray` of shape `(D, H, W)`, *optional*): a binary mask on the same grid.
         boxes (iterable of `np.ndarray` of shape `(2, 3)`): box corners in canonical voxel coordinates.
         min_size (`int`): the shorter side is scaled up to at least this many pixels (nearest neighbour).
+        max_pixels (`int`, defaults to `MAX_PIXELS`): the image is scaled down to at most this many pixels (voxels
+            are then skipped, nearest neighbour).
+        max_voxel_aspect (`float`, defaults to `MAX_VOXEL_ASPECT`): a voxel's drawn height / width is clamped to
+            `[1 / max_voxel_aspect, max_voxel_aspect]`; beyond it the image is not at the physical aspect ratio.
 
     Returns:
         `np.ndarray` of shape `(rows, cols, 3)`, uint8.
@@ -82,17 +93,22 @@ def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0,
     # Rows run inferior -> superior (or posterior -> anterior) and columns towards the patient's right: flipping both
     # puts superior/anterior at the top and the patient's right on the viewer's left.
     rgb = rgb[::-1, ::-1]
-    row_mm, col_mm = spacing[in_plane[0]], spacing[in_plane[1]]
-    height, width = rgb.shape[0] * row_mm, rgb.shape[1] * col_mm
-    scale = max(min_size / min(height, width), 1.0 / min(row_mm, col_mm))
+    # A voxel's drawn height / width; the spacing comes from the file, so it is clamped to something drawable.
+    aspect = float(np.clip(spacing[in_plane[0]] / spacing[in_plane[1]], 1 / max_voxel_aspect, max_voxel_aspect))
+    row_px, col_px = max(aspect, 1.0), max(1.0 / aspect, 1.0)  # pixels per voxel, the smaller one 1
+    height, width = rgb.shape[0] * row_px, rgb.shape[1] * col_px
+    scale = max(min_size / min(height, width), 1.0)
+    scale = min(scale, np.sqrt(max_pixels / (height * width)))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL takes (width, height)
     pixels = Image.fromarray(np.round(rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
     return np.asarray(pixels)
 
 
-def render_planes(display: np.ndarray, position, spacing=(1.0, 1.0, 1.0), mask=None, boxes=()) -> list[np.ndarray]:
-    """Axial, coronal and sagittal images through `position = (d, h, w)`."""
-    return [render_plane(display, plane, index, spacing, mask, boxes) for plane, index in zip(PLANES, position)]
+def render_planes(display: np.ndarray, position, spacing=(1.0, 1.0, 1.0), mask=None, boxes=(),
+                  max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+    """Axial, coronal and sagittal images through `position = (d, h, w)`, each at most `max_pixels` pixels."""
+    return [render_plane(display, plane, index, spacing, mask, boxes, max_pixels=max_pixels)
+            for plane, index in zip(PLANES, position)]
 
 
 def describe_series(study: Study, series: int) -> str:

@@ -11,7 +11,7 @@ from .processing_voxlm import (
     format_box,
     parse_boxes,
 )
-from .readers import Study, Volume, VolumeError, read_study, read_volume, safe_extract_zip
+from .readers import ReadLimits, Study, Volume, VolumeError, read_study, read_volume, safe_extract_zip
 
 __all__ = [
     "CT_WINDOWS",
@@ -19,6 +19,7 @@ __all__ = [
     "SEG_TOKEN",
     "BOX_START_TOKEN",
     "BOX_END_TOKEN",
+    "ReadLimits",
     "Study",
     "Volume",
     "VolumeError",

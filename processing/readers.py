@@ -5,7 +5,11 @@ Canonical layout: the array is reoriented to RAS (nibabel's orientation tools), 
 orientation transform are kept, so a mask predicted in the canonical layout maps back onto the file's own grid.
 
 Readers are the field's: nibabel (NIfTI), pydicom (DICOM series, folder or `.zip`), SimpleITK (NRRD, MHA/MHD), numpy
-(`.npy`, never unpickled). Every reader checks the voxel count in the header before it allocates the data.
+(`.npy`, never unpickled). Every reader checks the header before it allocates the data: the voxel count
+(`max_voxels`) and the bytes the read will hold (`ReadLimits`: decoded data, rescaled copies, the float32 canonical
+array, unpacked archives, file counts). Detached data files (NRRD `data file`, MetaImage `ElementDataFile`) must be
+regular files beside their header, so a header cannot make voxlm read other files. A `MemoryError` is reported as
+such, never as a corrupt file.
 
 A study is several series of one examination: `read_study` reads a folder or `.zip` of DICOM files grouped by
 `SeriesInstanceUID`, or a list of files (each NIfTI / NRRD / `.npy` file one series, loose DICOM slices grouped by
@@ -14,10 +18,16 @@ series), into a `Study` of canonical volumes in reading order.
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
+import dataclasses
 import logging
 import math
+import os
+import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +40,91 @@ NAN_POLICIES = ("error", "zero")
 CANONICAL_AXES = (2, 1, 0)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")
+# A NRRD / MetaImage header is a few KB of text, a detached LIST of 10,000 file names about 1 MB: more is not a header.
+MAX_HEADER_BYTES = 2**20
+# sform and qform entries (mm, mm per voxel) that differ by more than this are a disagreement worth a warning; the
+# qform's float32 quaternion alone rounds by ~1e-5.
+AFFINE_TOLERANCE = 1e-2
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
 
 logger = logging.getLogger(__name__)
 
 
 class VolumeError(ValueError):
     """A volume that voxlm cannot use; the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one read may take, checked from headers before the work starts. Raise a field for a genuine file; the
+    Space sets its own from environment variables.
+
+    Args:
+        max_bytes (`int`, defaults to 4 GiB): memory for the arrays of one read, added up from the header before any
+            voxel is read: the decoded data, its rescaled copy (NIfTI scaling makes float64) and the float32 canonical
+            array. The series of one study share it.
+        max_unpacked_bytes (`int`, defaults to 4 GiB): bytes one read may unpack: the entries of a `.zip` (extracted
+            to a temporary folder, removed after) and deflated DICOM files (inflated in memory, each within
+            `max_bytes` too).
+        max_files (`int`, defaults to 10,000): entries of a `.zip`, files in a DICOM folder or in a list, data files
+            named by one NRRD / MetaImage header; counted before any is read.
+    """
+
+    max_bytes: int = 4 * 2**30
+    max_unpacked_bytes: int = 4 * 2**30
+    max_files: int = 10_000
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.{1 if size < 10 * 2**20 else 0}f} MiB"
+
+
+def _check_bytes(needed: int, limits: ReadLimits, source: str, what: str) -> None:
+    if needed > limits.max_bytes:
+        raise VolumeError(
+            f"{source}: reading it takes about {_mib(needed)} ({what}), above the "
+            f"{_mib(limits.max_bytes)} this read may take; raise ReadLimits.max_bytes if it is genuine"
+        )
+
+
+def _check_files(count: int, limits: ReadLimits, source: str, what: str) -> None:
+    if count > limits.max_files:
+        raise VolumeError(
+            f"{source}: {what} {count:,} files, more than {limits.max_files:,}; raise ReadLimits.max_files if this is "
+            "genuine"
+        )
+
+
+def _out_of_memory(source: str, limits: ReadLimits) -> VolumeError:
+    return VolumeError(
+        f"{source}: the volume does not fit in this process's memory, although it is within ReadLimits.max_bytes "
+        f"({_mib(limits.max_bytes)}); give the process more memory, or lower max_bytes so that such "
+        "volumes are refused before reading"
+    )
+
+
+@contextlib.contextmanager
+def _decoding(source: str, problem: str):
+    """A decoder library's errors as a `VolumeError` naming the source and the problem. `MemoryError` passes through:
+    the public readers report it as a memory problem, never as a corrupt file."""
+    try:
+        yield
+    except (MemoryError, VolumeError):
+        raise
+    except Exception as error:  # nibabel, numpy, pydicom and SimpleITK raise many types for bad files
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise VolumeError(f"{source}: {problem} ({detail})") from error
+
+
+def _check_regular_file(path: Path, source: str, what: str) -> None:
+    """Refuse a path that is not a regular file (a FIFO, a device such as /dev/urandom, a folder): such paths never
+    end, block, or are not data."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise VolumeError(f"{source}: {what} cannot be opened ({error.strerror})") from error
+    if not stat.S_ISREG(mode):
+        raise VolumeError(f"{source}: {what} is not a regular file (a device, pipe or folder); give a file")
 
 
 @dataclass
@@ -110,8 +199,23 @@ def _select_frame(data: np.ndarray, frame: int | None, source: str) -> np.ndarra
     return data[..., frame]
 
 
+def _check_affine(affine: np.ndarray, source: str) -> None:
+    """Refuse affines that place no voxel in the world: NaN / Inf entries, an axis of zero length, parallel axes."""
+    if not np.isfinite(affine).all():
+        raise VolumeError(f"{source}: the affine (voxel-to-world matrix) holds NaN or Inf: {affine[:3].tolist()}")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # |det| over the product of the axis lengths is 1 for orthogonal axes and 0 for parallel ones.
+    if zooms.min() <= 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-3 * zooms.prod():
+        raise VolumeError(
+            f"{source}: the affine (voxel-to-world matrix) is singular: voxel sizes {zooms.tolist()} mm, axes "
+            f"{affine[:3, :3].T.tolist()}; an axis of zero length or two parallel axes place no voxel in the world"
+        )
+
+
 def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str | None = None) -> Volume:
     """Reorient source-axis data to RAS and put depth first."""
+    affine = np.asarray(affine, dtype=np.float64)
+    _check_affine(affine, source)
     orientation = nib.orientations.io_orientation(affine)
     to_ras = nib.orientations.ornt_transform(orientation, nib.orientations.axcodes2ornt(("R", "A", "S")))
     ras = nib.orientations.apply_orientation(data, to_ras)
@@ -121,7 +225,7 @@ def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str 
     canonical = np.ascontiguousarray(np.transpose(ras, CANONICAL_AXES), dtype=np.float32)
     return Volume(
         array=canonical,
-        affine=np.asarray(affine, dtype=np.float64),
+        affine=affine,
         spacing=tuple(float(z) for z in ras_zooms[list(CANONICAL_AXES)]),
         source=source,
         orientation=orientation,
@@ -130,50 +234,164 @@ def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str 
     )
 
 
-def _read_nifti(path: Path, frame, max_voxels) -> tuple[np.ndarray, np.ndarray]:
-    try:
+def _check_dtype(dtype: np.dtype, source: str) -> None:
+    """Refuse voxel types that are not one real number per voxel, before the data is read."""
+    if dtype.kind == "c":
+        raise VolumeError(
+            f"{source}: the voxels are complex ({dtype}); voxlm reads real values only, save the magnitude "
+            "(np.abs) or the real part as its own volume"
+        )
+    if dtype.fields is not None and set(dtype.names) >= {"R", "G", "B"}:
+        raise VolumeError(
+            f"{source}: the voxels are RGB colour ({dtype}); voxlm reads one grey level per voxel, save one channel "
+            "(e.g. data['R']) or a grey-level mix as its own volume"
+        )
+    if dtype.kind not in "biuf":
+        raise VolumeError(f"{source}: voxels must be numbers, got dtype {dtype}")
+
+
+def _read_nifti(path: Path, frame, max_voxels, limits: ReadLimits) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI data and affine. The affine is nibabel's (the sform when its code is set, else the qform, else the
+    voxel sizes), as MONAI and nilearn read it too; a qform that disagrees with the sform in use is logged."""
+    with _decoding(path.name, "not a readable NIfTI file"):
         image = nib.load(path)
         shape = image.header.get_data_shape()
-    except Exception as error:  # nibabel raises several types for files that are not NIfTI
-        raise VolumeError(f"{path.name}: not a readable NIfTI file ({error})") from error
+        dtype = image.get_data_dtype()
+        affine = image.affine
+        sform, sform_code = image.header.get_sform(coded=True)
+        qform, qform_code = image.header.get_qform(coded=True)
     _check_voxels(shape, max_voxels, path.name)
-    try:
+    _check_dtype(dtype, path.name)
+    voxels = math.prod(int(s) for s in shape)
+    scaled = image.dataobj.slope != 1 or image.dataobj.inter != 0  # nibabel applies scaling in float64
+    _check_bytes(voxels * (dtype.itemsize + 8 * scaled + 4), limits, path.name,
+                 f"{dtype} data{', rescaled to float64' if scaled else ''} and a float32 copy")
+    if sform_code > 0 and qform_code > 0 and not np.allclose(sform, qform, rtol=0, atol=AFFINE_TOLERANCE):
+        logger.warning("%s: the sform and the qform disagree (by up to %.3g); using the sform, as nibabel does",
+                       path.name, float(np.abs(sform - qform).max()))
+    with _decoding(path.name, "the NIfTI data is truncated or corrupt"):
         data = np.asanyarray(image.dataobj)
-    except Exception as error:  # truncated or corrupt compressed data surfaces only when read
-        raise VolumeError(f"{path.name}: the NIfTI data is truncated or corrupt ({error})") from error
-    return _select_frame(data, frame, path.name), image.affine
+    return _select_frame(data, frame, path.name), affine
 
 
-def _read_npy(path: Path, max_voxels) -> np.ndarray:
-    try:
-        with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, _, _ = read_header[version](handle)
-    except Exception as error:
-        raise VolumeError(f"{path.name}: not a readable .npy file ({error})") from error
+def _read_npy(path: Path, max_voxels, limits: ReadLimits) -> np.ndarray:
+    with _decoding(path.name, "not a readable .npy file"), open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise VolumeError(f"{path.name}: .npy format version {version[0]}.{version[1]} is not one numpy writes")
+        # Version 3.0 differs from 2.0 only by a UTF-8 header, which matters for field names: a volume has none.
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    if dtype.hasobject:
+        raise VolumeError(f"{path.name}: the .npy array holds Python objects, which voxlm never unpickles")
     _check_voxels(shape, max_voxels, path.name)
-    try:
+    _check_dtype(dtype, path.name)
+    voxels = math.prod(int(s) for s in shape)
+    _check_bytes(voxels * (dtype.itemsize + 4), limits, path.name, f"{dtype} data and a float32 copy")
+    with _decoding(path.name, "the .npy data is truncated or corrupt"):
         return np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise VolumeError(f"{path.name}: the .npy data is truncated, corrupt or pickled ({error})") from error
 
 
-def _read_itk(path: Path, frame, max_voxels) -> tuple[np.ndarray, np.ndarray]:
+def _header_lines(path: Path, source: str) -> list[str]:
+    """The text lines at the start of a NRRD or MetaImage file, up to `MAX_HEADER_BYTES` (the binary data of an
+    attached file decodes too, as latin-1, and is never looked at: parsing stops at the header's end)."""
+    with open(path, "rb") as handle:
+        text = handle.read(MAX_HEADER_BYTES + 1)
+    if len(text) > MAX_HEADER_BYTES and path.suffix.lower() in (".nhdr", ".mhd"):
+        raise VolumeError(f"{source}: the detached header is longer than {MAX_HEADER_BYTES:,} bytes; not a header")
+    return text.decode("latin-1").splitlines()
+
+
+def _data_file_names(value: str, following: list[str], limits: ReadLimits, source: str) -> list[str]:
+    """The data files a NRRD `data file` or MetaImage `ElementDataFile` value names: one file, `LIST` (the names on
+    the lines that follow), or a printf pattern `<format> <min> <max> <step> [<dim>]`."""
+    tokens = value.split()
+    if tokens and tokens[0] == "LIST":
+        names = [line.strip() for line in following if line.strip()]
+    elif len(tokens) in (4, 5) and "%" in tokens[0]:
+        try:
+            first, last, step = (int(t) for t in tokens[1:4])
+            names = range(first, last + (1 if step > 0 else -1), step)
+        except ValueError as error:  # non-integer bounds, or a step of 0
+            raise VolumeError(f"{source}: the data file pattern {value!r} is not <format> <min> <max> <step>") \
+                from error
+        _check_files(len(names), limits, source, "the header names")
+        try:
+            names = [tokens[0] % index for index in names]
+        except (TypeError, ValueError) as error:
+            raise VolumeError(f"{source}: the data file pattern {tokens[0]!r} is not a printf pattern") from error
+    else:
+        names = [value.strip()]
+    _check_files(len(names), limits, source, "the header names")
+    return names
+
+
+def _itk_data_files(path: Path, limits: ReadLimits) -> list[str]:
+    """The detached data files a NRRD or MetaImage header names (none when the data is attached), from the header
+    text itself, before SimpleITK opens anything.
+
+    NRRD: `key: value` lines after the `NRRD000X` magic, up to the first blank line; the field is `data file` (or
+    `datafile`). MetaImage: `Key = Value` lines up to `ElementDataFile`, the last one; `LOCAL` means attached.
+    """
+    lines = _header_lines(path, path.name)
+    if path.suffix.lower() in (".nrrd", ".nhdr"):
+        if not lines or not lines[0].startswith("NRRD000"):
+            raise VolumeError(f"{path.name}: not a NRRD file (it does not start with the NRRD000X magic)")
+        for index, line in enumerate(lines[1:], start=1):
+            if not line.strip():
+                break
+            key, colon, value = line.partition(":")
+            if colon and not line.startswith("#") and key.strip().lower() in ("data file", "datafile"):
+                return _data_file_names(value.removeprefix("=").strip(), lines[index + 1 :], limits, path.name)
+        return []
+    for index, line in enumerate(lines):
+        key, equals, value = line.partition("=")
+        if equals and key.strip().lower() == "elementdatafile":
+            value = value.strip()
+            return [] if value.upper() == "LOCAL" else _data_file_names(value, lines[index + 1 :], limits, path.name)
+    raise VolumeError(f"{path.name}: not a MetaImage file (no ElementDataFile line in its header)")
+
+
+def _check_data_file(header: Path, name: str, source: str) -> None:
+    """A detached data file must be a regular file beside its header (in its folder or below): no absolute path, no
+    `..`, no link leading out. Otherwise a header could make voxlm read, and a Space show, any file on the server."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or relative.drive:
+        raise VolumeError(
+            f"{source}: the header's data file {name!r} is not beside it; a detached data file must sit in the "
+            "header's folder (a relative path without '..')"
+        )
+    folder = header.parent.resolve()
+    target = (header.parent / relative).resolve()
+    if not target.is_relative_to(folder):
+        raise VolumeError(f"{source}: the header's data file {name!r} is a link that leads out of the header's folder")
+    _check_regular_file(target, source, f"the header's data file {name!r}")
+
+
+def _read_itk(path: Path, frame, max_voxels, limits: ReadLimits) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    for name in _itk_data_files(path, limits):
+        _check_data_file(path, name, path.name)
     reader = sitk.ImageFileReader()
+    # The header was parsed as this format above; SimpleITK must not pick another reader by probing the content.
+    reader.SetImageIO("NrrdImageIO" if path.suffix.lower() in (".nrrd", ".nhdr") else "MetaImageIO")
     reader.SetFileName(str(path))
-    try:
+    with _decoding(path.name, "not a readable NRRD/MHA file"):
         reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise VolumeError(f"{path.name}: not a readable NRRD/MHA file ({str(error).strip().splitlines()[-1]})") from error
-    size = reader.GetSize() + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel_type:
+        raise VolumeError(f"{path.name}: the voxels are complex ({pixel_type}); voxlm reads real values only")
+    components = reader.GetNumberOfComponents()
+    size = reader.GetSize() + ((components,) if components > 1 else ())
     _check_voxels(size, max_voxels, path.name)
-    try:
+    # The pixel type's size, from a one-voxel image of it (SimpleITK reports the type by name only).
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(reader.GetSize()), reader.GetPixelID())).itemsize
+    voxels = math.prod(reader.GetSize())
+    _check_bytes(voxels * (2 * components * itemsize + 4), limits, path.name,
+                 f"{pixel_type} data, its numpy copy and a float32 copy")
+    with _decoding(path.name, "the image data is truncated or corrupt"):
         image = reader.Execute()
-    except RuntimeError as error:
-        raise VolumeError(f"{path.name}: the image data is truncated or corrupt") from error
     if image.GetDimension() != 3:
         raise VolumeError(f"{path.name}: a 3D volume is needed, got a {image.GetDimension()}D image")
     data = np.moveaxis(sitk.GetArrayFromImage(image), (0, 1, 2), (2, 1, 0))  # (z, y, x[, c]) -> (x, y, z[, c])
@@ -184,19 +402,63 @@ def _read_itk(path: Path, frame, max_voxels) -> tuple[np.ndarray, np.ndarray]:
     return _select_frame(data, frame, path.name), LPS_TO_RAS @ affine
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _dicom_files(folder: Path, limits: ReadLimits, source: str) -> list[Path]:
+    """The regular files inside `folder` (hidden files and links that lead out of it are left out), refused when
+    there are more than `limits.max_files`, counted before any is read."""
+    root = folder.resolve()
+    files = []
+    for path in folder.rglob("*"):
+        if path.name.startswith(".") or not path.is_file() or not path.resolve().is_relative_to(root):
+            continue
+        files.append(path)
+        _check_files(len(files), limits, source, "the folder holds at least")
+    return sorted(files)
 
 
-def _dicom_image_headers(paths) -> list[tuple[Path, object]]:
+def _inflated_size(path: Path, offset: int, cap: int) -> int:
+    """How many bytes the raw deflate stream of `path` from `offset` inflates to, counting in bounded steps and
+    stopping past `cap` (pydicom inflates a deflated file whole, in memory, even to read its header)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while (chunk := handle.read(2**16)) and not inflater.eof:
+            while chunk and total <= cap:
+                total += len(inflater.decompress(chunk, 2**24))
+                chunk = inflater.unconsumed_tail
+    return total
+
+
+def _dicom_image_headers(paths, limits: ReadLimits, source: str) -> list[tuple[Path, object]]:
     """`(path, header)` of the DICOM image slices among `paths`: readable headers with position, orientation and
-    pixel spacing; other files (a DICOMDIR index, a readme, a dose report) are skipped."""
+    pixel spacing; other files (a DICOMDIR index, a readme, a dose report) are skipped. Deflated files are measured
+    before pydicom inflates them: each within `limits.max_bytes`, all together within `limits.max_unpacked_bytes`."""
     import pydicom
 
+    _check_files(len(paths), limits, source, "there are")
     headers = []
+    inflated = 0
     for path in paths:
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as handle:
+                pydicom.filereader.read_preamble(handle, False)
+                # pydicom's own reading of the file meta group (private, but what dcmread calls): it leaves the file
+                # where dcmread goes on reading, so the stream measured is the one pydicom would inflate.
+                meta = pydicom.filereader._read_file_meta_info(handle)
+                offset = handle.tell()
+            if meta.get("TransferSyntaxUID") == DEFLATED_DICOM:
+                cap = min(limits.max_bytes, limits.max_unpacked_bytes - inflated)
+                size = _inflated_size(path, offset, cap)
+                if size > cap:
+                    raise VolumeError(
+                        f"{source}: the deflated DICOM file {path.name} inflates to more than {_mib(cap)}; "
+                        "raise ReadLimits.max_bytes or max_unpacked_bytes if it is genuine"
+                    )
+                inflated += size
+            # Large values (a private blob before the pixels) stay on disk until asked for.
+            header = pydicom.dcmread(path, stop_before_pixels=True, defer_size="64 KB")
+        except (MemoryError, VolumeError):
+            raise
         except Exception:  # not DICOM: skip it
             continue
         if "ImagePositionPatient" in header and "ImageOrientationPatient" in header and "PixelSpacing" in header:
@@ -212,31 +474,66 @@ def _group_series(headers) -> dict[str, list]:
     return series
 
 
-def _read_dicom_series(folder: Path, source: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _read_dicom_series(folder: Path, source: str, max_voxels: int, limits: ReadLimits):
     """Read one DICOM series: the largest one (ties broken by UID) when several are present, sorted by position."""
-    headers = _dicom_image_headers(_dicom_files(folder))
+    headers = _dicom_image_headers(_dicom_files(folder, limits, source), limits, source)
     if not headers:
         raise VolumeError(f"{source}: no DICOM image slices with position, orientation and pixel spacing were found")
     series = _group_series(headers)
     uid = sorted(series, key=lambda key: (-len(series[key]), key))[0]
-    return _stack_dicom_slices(series[uid], source, max_voxels)
+    return _stack_dicom_slices(series[uid], source, max_voxels, limits)
 
 
-def _stack_dicom_slices(slices, source: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _dicom_numbers(header, keyword: str, count: int, source: str, path: Path, default=None) -> np.ndarray:
+    """`count` finite numbers from a DICOM attribute (`default` when it is absent), or a `VolumeError` naming the
+    file and the attribute."""
+    value = header.get(keyword, default)
+    if value is None:
+        raise VolumeError(f"{source}: {path.name} has no {keyword}")
+    values = value if isinstance(value, collections.abc.Sequence) and not isinstance(value, (str, bytes)) else [value]
+    try:
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise VolumeError(f"{source}: {path.name} has a non-numeric {keyword} ({value!r})") from error
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise VolumeError(f"{source}: {path.name}: {keyword} must be {count} finite number(s), got {value!r}")
+    return numbers
+
+
+def _slice_geometry(path: Path, header, source: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """`((rows, columns), orientation (6,), position (3,), pixel spacing (2,))` of one slice, each checked."""
+    rows, columns = header.get("Rows"), header.get("Columns")
+    if not isinstance(rows, int) or not isinstance(columns, int) or rows < 1 or columns < 1:
+        raise VolumeError(f"{source}: {path.name} needs Rows and Columns of at least 1, got {rows!r} x {columns!r}")
+    frames, samples = header.get("NumberOfFrames", 1) or 1, header.get("SamplesPerPixel", 1) or 1
+    if str(frames).strip() != "1" or samples != 1:
+        raise VolumeError(
+            f"{source}: {path.name} holds {frames} frame(s) of {samples} sample(s) per pixel; voxlm reads series of "
+            "one grey-level slice per file"
+        )
+    spacing = _dicom_numbers(header, "PixelSpacing", 2, source, path)
+    if spacing.min() <= 0:
+        raise VolumeError(f"{source}: {path.name}: PixelSpacing must be positive, got {spacing.tolist()}")
+    orientation = _dicom_numbers(header, "ImageOrientationPatient", 6, source, path)
+    position = _dicom_numbers(header, "ImagePositionPatient", 3, source, path)
+    return (rows, columns), orientation, position, spacing
+
+
+def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits):
     """Stack the `(path, header)` slices of one series into source-axis data and its RAS affine, in HU."""
     import pydicom
 
     if len(slices) < 2:
         raise VolumeError(f"{source}: the series has a single slice; a volume needs at least 2")
-    first = slices[0][1]
-    orientation = np.array(first.ImageOrientationPatient, dtype=float)
-    shapes = {(int(h.Rows), int(h.Columns)) for _, h in slices}
-    orientations = {tuple(np.round(np.array(h.ImageOrientationPatient, dtype=float), 4)) for _, h in slices}
+    geometry = [_slice_geometry(path, header, source) for path, header in slices]
+    shapes = {shape for shape, *_ in geometry}
+    orientations = {tuple(np.round(orientation, 4)) for _, orientation, *_ in geometry}
     if len(shapes) > 1 or len(orientations) > 1:
         raise VolumeError(f"{source}: the series mixes slice sizes {sorted(shapes)} or orientations; cannot stack it")
+    _, orientation, _, (row_spacing, column_spacing) = geometry[0]
     row_cosine, column_cosine = orientation[:3], orientation[3:]
     normal = np.cross(row_cosine, column_cosine)
-    positions = np.array([np.array(h.ImagePositionPatient, dtype=float) @ normal for _, h in slices])
+    positions = np.array([position @ normal for _, _, position, _ in geometry])
     order = np.argsort(positions)
     slices = [slices[i] for i in order]
     gaps = np.diff(positions[order])
@@ -248,48 +545,74 @@ def _stack_dicom_slices(slices, source: str, max_voxels: int) -> tuple[np.ndarra
         )
     rows, columns = shapes.pop()
     _check_voxels((rows, columns, len(slices)), max_voxels, source)
-    planes = []
-    for path, _ in slices:
-        dataset = pydicom.dcmread(path)
-        try:
-            pixels = dataset.pixel_array.astype(np.float32)
-        except Exception as error:
-            raise VolumeError(f"{source}: the pixel data of {path.name} cannot be decoded ({error})") from error
-        slope = float(getattr(dataset, "RescaleSlope", 1.0))
-        intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
-        planes.append(pixels * slope + intercept)
-    # (k, i, j) slices x rows x columns -> (j, i, k), the NIfTI-like voxel order of the affine below.
-    data = np.transpose(np.stack(planes), (2, 1, 0))
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    first_position = np.array(slices[0][1].ImagePositionPatient, dtype=float)
-    step = (np.array(slices[-1][1].ImagePositionPatient, dtype=float) - first_position) / (len(slices) - 1)
+    _check_bytes(rows * columns * len(slices) * 8, limits, source, "the float32 slices and their canonical copy")
+    data = np.empty((len(slices), rows, columns), dtype=np.float32)  # (k, i, j) slices x rows x columns
+    for plane, (path, _) in zip(data, slices):
+        with _decoding(source, f"the pixel data of {path.name} cannot be decoded"):
+            dataset = pydicom.dcmread(path)
+            pixels = dataset.pixel_array
+        if pixels.shape != (rows, columns):
+            raise VolumeError(f"{source}: the pixels of {path.name} have shape {pixels.shape}, not {(rows, columns)}")
+        slope = _dicom_numbers(dataset, "RescaleSlope", 1, source, path, default=1.0)[0]
+        intercept = _dicom_numbers(dataset, "RescaleIntercept", 1, source, path, default=0.0)[0]
+        plane[...] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    # (k, i, j) -> (j, i, k), the NIfTI-like voxel order of the affine below.
+    data = np.transpose(data, (2, 1, 0))
+    first_position = geometry[order[0]][2]
+    step = (geometry[order[-1]][2] - first_position) / (len(slices) - 1)
     affine = np.eye(4)
     affine[:3, 0] = row_cosine * column_spacing  # column index j moves along the row direction
     affine[:3, 1] = column_cosine * row_spacing
     affine[:3, 2] = step
     affine[:3, 3] = first_position
-    return data, LPS_TO_RAS @ affine, getattr(first, "Modality", None)
+    return data, LPS_TO_RAS @ affine, getattr(slices[0][1], "Modality", None)
 
 
-def safe_extract_zip(path: Path, destination: Path, max_bytes: int) -> None:
-    """Extract a zip archive, refusing entries that would leave `destination`, links, and oversized content."""
+def safe_extract_zip(path: Path, destination: Path, *, max_bytes: int, max_entries: int) -> None:
+    """Extract a zip archive, refusing (before writing anything) entries that would leave `destination`, links,
+    encrypted entries, more than `max_entries` entries and more than `max_bytes` of content; entries that fail to
+    extract (a bad CRC, an unknown compression) are refused by name."""
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as error:
-        raise VolumeError(f"{path.name}: not a readable zip archive") from error
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise VolumeError(f"{path.name}: not a readable zip archive ({error})") from error
     with archive:
+        members = archive.infolist()
+        if len(members) > max_entries:
+            raise VolumeError(
+                f"{path.name}: the archive holds {len(members):,} entries, more than {max_entries:,}; raise "
+                "ReadLimits.max_files if it is genuine"
+            )
         total = 0
         root = destination.resolve()
-        for member in archive.infolist():
+        for member in members:
             target = (destination / member.filename).resolve()
             if not target.is_relative_to(root) or member.filename.startswith(("/", "\\")):
                 raise VolumeError(f"{path.name}: the entry {member.filename!r} tries to leave the extraction folder")
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise VolumeError(f"{path.name}: the entry {member.filename!r} is a symbolic link")
+            if member.flag_bits & 0x1:
+                raise VolumeError(f"{path.name}: the entry {member.filename!r} is encrypted; give an unencrypted zip")
             total += member.file_size
             if total > max_bytes:
-                raise VolumeError(f"{path.name}: the archive unpacks to more than {max_bytes:,} bytes")
-        archive.extractall(destination)
+                raise VolumeError(
+                    f"{path.name}: the archive unpacks to more than {_mib(max_bytes)}; raise "
+                    "ReadLimits.max_unpacked_bytes if it is genuine"
+                )
+        for member in members:
+            try:  # zipfile stops each entry at its declared size and checks its CRC
+                archive.extract(member, destination)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+                raise VolumeError(f"{path.name}: the entry {member.filename!r} cannot be extracted ({error})") \
+                    from error
+
+
+@contextlib.contextmanager
+def _extracted(path: Path, limits: ReadLimits):
+    """A temporary folder holding the zip's entries, removed afterwards whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="voxlm-zip-") as folder:
+        safe_extract_zip(path, Path(folder), max_bytes=limits.max_unpacked_bytes, max_entries=limits.max_files)
+        yield Path(folder)
 
 
 def read_volume(
@@ -297,51 +620,60 @@ def read_volume(
     *,
     frame: int | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    limits: ReadLimits | None = None,
     nan_policy: str = "error",
     allow_constant: bool = False,
 ) -> Volume:
     """Read a volume into the canonical `(D, H, W)` layout.
 
     Args:
-        source: a path (`.nii`, `.nii.gz`, `.npy`, `.nrrd`, `.mha`, `.mhd`, a DICOM series folder or `.zip`), a numpy
-            array or a torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as is).
+        source: a path (`.nii`, `.nii.gz`, `.npy`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`, a DICOM series folder or `.zip`),
+            a numpy array or a torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as
+            is). A path must be a regular file or a folder; detached NRRD / MetaImage data files must be regular
+            files beside their header.
         frame (`int`, *optional*): which frame or channel of 4D data to take; 4D data without it is an error.
         max_voxels (`int`, defaults to 1024**3): refuse headers that claim more voxels, before allocating them.
+        limits (`ReadLimits`, *optional*, defaults to `ReadLimits()`): the bytes and files the read may take.
         nan_policy (`str`, defaults to `"error"`): `"error"` refuses NaN or Inf voxels; `"zero"` replaces them with 0.
         allow_constant (`bool`, defaults to `False`): accept a constant volume (an empty mask is one).
 
     Raises:
-        `VolumeError`: naming the source and the problem.
+        `VolumeError`: naming the source and the problem, including a volume that does not fit in memory.
     """
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if isinstance(source, Volume):
         return source
-    if isinstance(source, (str, Path)):
-        volume = _read_path(Path(source), frame, max_voxels)
-    else:
-        volume = _read_array(source, frame, max_voxels)
-    return _check_values(volume, nan_policy, allow_constant)
+    limits = limits or ReadLimits()
+    name = Path(source).name if isinstance(source, (str, Path)) else "array input"
+    try:
+        if isinstance(source, (str, Path)):
+            volume = _read_path(Path(source), frame, max_voxels, limits)
+        else:
+            volume = _read_array(source, frame, max_voxels, limits)
+        return _check_values(volume, nan_policy, allow_constant)
+    except MemoryError as error:
+        raise _out_of_memory(name, limits) from error
 
 
-def _read_path(path: Path, frame, max_voxels) -> Volume:
+def _read_path(path: Path, frame, max_voxels, limits: ReadLimits) -> Volume:
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
     name = path.name.lower()
     if path.is_dir():
-        data, affine, modality = _read_dicom_series(path, path.name, max_voxels)
+        data, affine, modality = _read_dicom_series(path, path.name, max_voxels, limits)
         return _canonical(data, affine, path.name, modality)
+    _check_regular_file(path, path.name, "the path")
     if name.endswith(".zip"):
-        with tempfile.TemporaryDirectory() as folder:
-            safe_extract_zip(path, Path(folder), max_bytes=max_voxels * 8)
-            data, affine, modality = _read_dicom_series(Path(folder), path.name, max_voxels)
+        with _extracted(path, limits) as folder:
+            data, affine, modality = _read_dicom_series(folder, path.name, max_voxels, limits)
         return _canonical(data, affine, path.name, modality)
     if name.endswith((".nii", ".nii.gz")):
-        data, affine = _read_nifti(path, frame, max_voxels)
+        data, affine = _read_nifti(path, frame, max_voxels, limits)
     elif name.endswith(".npy"):
-        return _read_array(_read_npy(path, max_voxels), frame, max_voxels, source=path.name)
+        return _read_array(_read_npy(path, max_voxels, limits), frame, max_voxels, limits, source=path.name)
     elif name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        data, affine = _read_itk(path, frame, max_voxels)
+        data, affine = _read_itk(path, frame, max_voxels, limits)
     elif name.endswith(".dcm"):
         raise VolumeError(
             f"{path.name}: a single DICOM file is one 2D slice; give the folder of its series or a .zip of it"
@@ -351,14 +683,13 @@ def _read_path(path: Path, frame, max_voxels) -> Volume:
     return _canonical(np.asarray(data), affine, path.name)
 
 
-def _read_array(array, frame, max_voxels, source: str = "array input") -> Volume:
+def _read_array(array, frame, max_voxels, limits: ReadLimits, source: str = "array input") -> Volume:
     """Arrays carry no geometry: they are taken as canonical `(D, H, W)` (4D: `(T, D, H, W)`) with unit spacing."""
     if hasattr(array, "detach"):  # a torch tensor
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     _check_voxels(array.shape, max_voxels, source)
-    if array.dtype.kind not in "biuf":
-        raise VolumeError(f"{source}: voxels must be numbers, got dtype {array.dtype}")
+    _check_dtype(array.dtype, source)
     if array.ndim == 4:
         if frame is None:
             raise VolumeError(f"{source}: 4D data of shape {array.shape}; pick one frame or channel with frame=N")
@@ -367,6 +698,7 @@ def _read_array(array, frame, max_voxels, source: str = "array input") -> Volume
         array = array[frame]
     if array.ndim != 3 or min(array.shape) < 2:
         raise VolumeError(f"{source}: a 3D volume (D, H, W) is needed, got shape {array.shape}")
+    _check_bytes(array.size * 4, limits, source, "a float32 copy")
     canonical = np.ascontiguousarray(array, dtype=np.float32)
     return Volume(
         array=canonical,
@@ -383,7 +715,8 @@ def _check_values(volume: Volume, nan_policy: str, allow_constant: bool) -> Volu
     if not finite.all():
         if nan_policy == "error":
             raise VolumeError(
-                f"{volume.source}: {int((~finite).sum()):,} voxels are NaN or Inf; fix the file or pass nan_policy='zero'"
+                f"{volume.source}: {int((~finite).sum()):,} voxels are NaN or Inf; fix the file or pass "
+                "nan_policy='zero'"
             )
         volume.array[~finite] = 0.0
     if not allow_constant and volume.array.min() == volume.array.max():
@@ -420,9 +753,14 @@ def _series_description(header, uid: str) -> str:
     return f"series {number}" if number not in (None, "") else f"series {uid}"
 
 
-def _dicom_study(paths, source: str, max_voxels: int, nan_policy: str) -> Study:
+def _left_after(limits: ReadLimits, volumes) -> ReadLimits:
+    """The limits for the next series of a study: the series already read hold part of `max_bytes`."""
+    return dataclasses.replace(limits, max_bytes=limits.max_bytes - sum(volume.array.nbytes for volume in volumes))
+
+
+def _dicom_study(paths, source: str, max_voxels: int, nan_policy: str, limits: ReadLimits) -> Study:
     """Every usable series among DICOM files, ordered by `SeriesNumber` (then UID); unusable series are skipped."""
-    headers = _dicom_image_headers(paths)
+    headers = _dicom_image_headers(paths, limits, source)
     if not headers:
         raise VolumeError(f"{source}: no DICOM image slices with position, orientation and pixel spacing were found")
     series = _group_series(headers)
@@ -436,7 +774,8 @@ def _dicom_study(paths, source: str, max_voxels: int, nan_policy: str) -> Study:
         description = _series_description(series[uid][0][1], uid)
         name = f"{source} [{description}]"
         try:
-            data, affine, modality = _stack_dicom_slices(series[uid], name, max_voxels)
+            data, affine, modality = _stack_dicom_slices(series[uid], name, max_voxels,
+                                                         _left_after(limits, study.volumes))
             volume = _check_values(_canonical(data, affine, name, modality), nan_policy, allow_constant=False)
         except VolumeError as error:
             study.skipped.append(f"{description}: {str(error).removeprefix(name + ': ')}")
@@ -464,19 +803,18 @@ def _is_loose_dicom(item) -> bool:
     return pydicom.misc.is_dicom(item)
 
 
-def _read_study_item(source, max_voxels: int, nan_policy: str) -> Study:
+def _read_study_item(source, max_voxels: int, nan_policy: str, limits: ReadLimits) -> Study:
     """One source as a study: a DICOM folder or `.zip` gives all its series, anything else is one series."""
     if isinstance(source, Study):
         return source
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            return _dicom_study(_dicom_files(path), path.name, max_voxels, nan_policy)
+            return _dicom_study(_dicom_files(path, limits, path.name), path.name, max_voxels, nan_policy, limits)
         if path.name.lower().endswith(".zip") and path.is_file():
-            with tempfile.TemporaryDirectory() as folder:
-                safe_extract_zip(path, Path(folder), max_bytes=max_voxels * 8)
-                return _dicom_study(_dicom_files(Path(folder)), path.name, max_voxels, nan_policy)
-    volume = read_volume(source, max_voxels=max_voxels, nan_policy=nan_policy)
+            with _extracted(path, limits) as folder:
+                return _dicom_study(_dicom_files(folder, limits, path.name), path.name, max_voxels, nan_policy, limits)
+    volume = read_volume(source, max_voxels=max_voxels, limits=limits, nan_policy=nan_policy)
     return Study(volumes=[volume], descriptions=[volume.source], source=volume.source)
 
 
@@ -485,6 +823,7 @@ def read_study(
     *,
     max_series: int | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    limits: ReadLimits | None = None,
     nan_policy: str = "error",
 ) -> Study:
     """Read the series of one study, each into the canonical `(D, H, W)` layout.
@@ -496,6 +835,8 @@ def read_study(
             one-series study); or a `Study` (returned after the checks).
         max_series (`int`, *optional*): refuse studies with more usable series (the model's `max_study_scans`).
         max_voxels (`int`, defaults to 1024**3): per series, refuse headers that claim more voxels.
+        limits (`ReadLimits`, *optional*, defaults to `ReadLimits()`): the bytes and files the read may take; the
+            series of the study share `max_bytes`.
         nan_policy (`str`, defaults to `"error"`): as in [`read_volume`].
 
     Returns:
@@ -503,31 +844,47 @@ def read_study(
         one by one must each be readable.
 
     Raises:
-        `VolumeError`: no usable series, too many series, or a file that cannot be read, naming the source.
+        `VolumeError`: no usable series, too many series or files, or a file that cannot be read (or does not fit in
+        memory), naming the source.
     """
-    if isinstance(source, (list, tuple)):
-        if not source:
-            raise VolumeError("an empty list of files holds no study")
-        is_loose = [_is_loose_dicom(item) for item in source]
-        loose = [Path(item) for item, flag in zip(source, is_loose) if flag]
-        parts = []
-        for index, (item, flag) in enumerate(zip(source, is_loose)):
-            if not flag:
-                parts.append(_read_study_item(item, max_voxels, nan_policy))
-            elif index == is_loose.index(True):  # the loose slices' series, once, where the first one was
-                names = f"{len(loose)} DICOM file{'s' * (len(loose) > 1)}"
-                parts.append(_dicom_study(loose, names, max_voxels, nan_policy))
-        study = Study(
-            volumes=[v for part in parts for v in part.volumes],
-            descriptions=[d for part in parts for d in part.descriptions],
-            source=", ".join(part.source for part in parts),
-            skipped=[s for part in parts for s in part.skipped],
-        )
-    else:
-        study = _read_study_item(source, max_voxels, nan_policy)
+    limits = limits or ReadLimits()
+    try:
+        study = _read_study_source(source, max_voxels, nan_policy, limits)
+    except MemoryError as error:
+        raise _out_of_memory(_source_name(source), limits) from error
     if max_series is not None and len(study) > max_series:
         raise VolumeError(
             f"{study.source}: the study holds {len(study)} series ({'; '.join(study.descriptions)}), more than the "
             f"{max_series} this model reads at once; give it at most {max_series}"
         )
     return study
+
+
+def _source_name(source) -> str:
+    if isinstance(source, (str, Path)):
+        return Path(source).name
+    return f"{len(source)} files" if isinstance(source, (list, tuple)) else "array input"
+
+
+def _read_study_source(source, max_voxels: int, nan_policy: str, limits: ReadLimits) -> Study:
+    if not isinstance(source, (list, tuple)):
+        return _read_study_item(source, max_voxels, nan_policy, limits)
+    if not source:
+        raise VolumeError("an empty list of files holds no study")
+    _check_files(len(source), limits, f"{len(source)} files", "the list holds")
+    is_loose = [_is_loose_dicom(item) for item in source]
+    loose = [Path(item) for item, flag in zip(source, is_loose) if flag]
+    parts = []
+    for index, (item, flag) in enumerate(zip(source, is_loose)):
+        left = _left_after(limits, [volume for part in parts for volume in part.volumes])
+        if not flag:
+            parts.append(_read_study_item(item, max_voxels, nan_policy, left))
+        elif index == is_loose.index(True):  # the loose slices' series, once, where the first one was
+            names = f"{len(loose)} DICOM file{'s' * (len(loose) > 1)}"
+            parts.append(_dicom_study(loose, names, max_voxels, nan_policy, left))
+    return Study(
+        volumes=[v for part in parts for v in part.volumes],
+        descriptions=[d for part in parts for d in part.descriptions],
+        source=", ".join(part.source for part in parts),
+        skipped=[s for part in parts for s in part.skipped],
+    )

@@ -5,7 +5,8 @@ Thin by design (STYLE.md rule 15): per-visitor data lives in `gr.State`, inferen
 as `voxlm predict`), slices are drawn by `voxlm.viewer`, and every voxel goes through the model's saved processor.
 
 Settings (environment): VOXLM_MODEL (a VoxLM folder or Hub id), VOXLM_CLIP_MODEL (a VoxCLIP, for retrieval),
-VOXLM_MAX_UPLOAD_MB (upload limit, default 1024), VOXLM_MAX_NEW_TOKENS (default 64).
+VOXLM_MAX_UPLOAD_MB (per file, default 1024), VOXLM_MAX_NEW_TOKENS (default 64), and the reader's `ReadLimits`, which
+refuse uploads from their headers before reading: VOXLM_MAX_VOLUME_MB, VOXLM_MAX_UNPACKED_MB, VOXLM_MAX_FILES.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BUNDLED = {path.name: path for path in sorted(EXAMPLES.glob("*.nii.gz"))}
 GALLERY = json.loads((EXAMPLES / "reports.json").read_text())
 MAX_UPLOAD_MB = float(os.environ.get("VOXLM_MAX_UPLOAD_MB", "1024"))
 MAX_NEW_TOKENS = int(os.environ.get("VOXLM_MAX_NEW_TOKENS", "64"))
+READ_LIMITS = inference.read_limits_from_environment()
 EXAMPLE_QUESTIONS = {
     "Closed VQA": ["Is there an intracranial hemorrhage?", "Is there a midline shift?",
                    "What type of hemorrhage is present? A. Epidural B. Subdural C. Subarachnoid D. No hemorrhage"],
@@ -79,12 +81,9 @@ def load(paths, window):
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     if not paths:
         return None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
-    name = Path(paths[0]).name if len(paths) == 1 else f"{len(paths)} files"
+    source, name = (paths[0], Path(paths[0]).name) if len(paths) == 1 else (paths, f"{len(paths)} files")
     try:
-        size_mb = sum(Path(path).stat().st_size for path in paths) / 2**20
-        if size_mb > MAX_UPLOAD_MB:
-            raise ValueError(f"{name} is {size_mb:,.1f} MB, above this demo's limit of {MAX_UPLOAD_MB:g} MB")
-        study = inference.read_study_input(paths[0] if len(paths) == 1 else paths, volume_processor())
+        study = inference.read_study_input(source, volume_processor(), limits=READ_LIMITS)  # refused before reading
         view, *sliders, status = show(study, 0, window, paths[0])
     except USER_ERRORS as error:  # the message names the file; the server's upload folder stays private
         message = functools.reduce(lambda text, p: text.replace(str(Path(p).parent) + os.sep, ""), paths, str(error))

@@ -119,20 +119,41 @@ def test_dicom_study_zip_lists_its_series_and_what_was_skipped(app, tmp_path):
 
 
 def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
-    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.001)
-    view, *_, status = app.load(str(write_phantom(tmp_path / "phantom.nii.gz")), "brain")
-    assert view is None and "above this demo's limit of 0.001 MB" in status
-    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 1024)
+    from voxlm.processing import ReadLimits
+
+    phantom = write_phantom(tmp_path / "phantom.nii.gz")
+    monkeypatch.setattr(app, "READ_LIMITS", ReadLimits(max_bytes=2**16))
+    view, *_, status = app.load(str(phantom), "brain")
+    assert view is None and status.startswith("**Cannot use this file:** phantom.nii.gz: reading it takes about 0.2")
+    assert "ReadLimits.max_bytes" in status and str(tmp_path) not in status
+    monkeypatch.setattr(app, "READ_LIMITS", ReadLimits())
     (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
     view, *_, status = app.load(str(tmp_path / "corrupt.nii.gz"), "brain")
     assert view is None and status.startswith("**Cannot use this file:** corrupt.nii.gz: not a readable NIfTI")
-    phantom = tmp_path / "phantom.nii.gz"
     view, *_, status = app.load([str(phantom), str(phantom), str(phantom)], "brain")  # the demo model reads 2
     _, answer, *_ = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
     assert answer.startswith("**phantom.nii.gz, phantom.nii.gz, phantom.nii.gz: the study holds 3 series")
-    monkeypatch.setattr(app, "MAX_UPLOAD_MB", phantom.stat().st_size * 2.5 / 2**20)  # two fit, three do not
+    # The series of a study share the memory limit: reading one takes its data and a float32 copy, keeping it the copy.
+    voxels, itemsize = 16 * 48 * 48, nib.load(phantom).get_data_dtype().itemsize
+    monkeypatch.setattr(app, "READ_LIMITS", ReadLimits(max_bytes=voxels * (itemsize + 4) + voxels * 4))
+    assert app.load([str(phantom)] * 2, "brain")[0] is not None
     view, *_, status = app.load([str(phantom)] * 3, "brain")
-    assert view is None and status.startswith("**Cannot use this file:** 3 files is") and str(tmp_path) not in status
+    assert view is None and status.startswith("**Cannot use this file:** phantom.nii.gz: reading it takes")
+    assert str(tmp_path) not in status
+
+
+def test_detached_headers_that_point_elsewhere_are_refused(app, tmp_path):
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"SECRET" * 100)
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for header, field in (("volume.nhdr", "data file: ../secret.raw"), ("volume.mhd", f"ElementDataFile = {secret}")):
+        text = ("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n" if header.endswith(".nhdr")
+                else "ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\n")
+        (upload / header).write_text(f"{text}{field}\n")
+        view, *_, status = app.load(str(upload / header), "brain")
+        assert view is None and status.startswith(f"**Cannot use this file:** {header}: the header's data file")
+        assert "is not beside it" in status and "SECRET" not in status and str(upload) not in status
     assert "Load a volume first" in app.ask(None, "Is there a hemorrhage?", "brain", progress=lambda *a, **k: None)[1]
 
 
