@@ -128,8 +128,13 @@ def resolve_model_name(name: str | None, env: str, default: str) -> str:
 
 
 def _from_pretrained(loader, name: str, kind: str):
+    from safetensors import SafetensorError
+
     try:
         return loader(name)
+    except SafetensorError as error:
+        raise ValueError(f"The {kind} weights in {name!r} cannot be read: a truncated or corrupt safetensors file "
+                         f"({error})") from error
     except (OSError, ValueError) as error:  # missing folder, unknown or offline Hub id, malformed repo id
         raise ModelNotFoundError(
             f"No {kind} could be loaded from {name!r} ({str(error).splitlines()[0]}). {HOW_TO_GET_A_MODEL}"
@@ -387,6 +392,8 @@ def _print_result(args, result, lines: list[str]) -> None:
 
 
 def _run_predict(args) -> int:
+    if args.mask_out:
+        refuse_overwriting_inputs(args.mask_out, args.volume)
     model, processor = load_voxlm(args.model)
     source = args.volume[0] if len(args.volume) == 1 else args.volume
     prediction = predict(source, args.question, model, processor, modality=args.modality, window=args.window,
@@ -408,6 +415,16 @@ def _run_predict(args) -> int:
             lines.append(f"mask ({result['mask_voxels']} voxels) written to {args.mask_out}")
     _print_result(args, result, lines)
     return 0
+
+
+def refuse_overwriting_inputs(output, inputs) -> None:
+    """Refuse an output path that is one of the inputs (or a file inside an input folder), before any work: writing
+    it would destroy the volume being read."""
+    target = Path(output).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or (source.is_dir() and target.is_relative_to(source)):
+            raise ValueError(f"--mask-out {output} would overwrite the input {source.name}; choose another path")
 
 
 def _run_retrieve(args) -> int:

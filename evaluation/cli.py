@@ -32,6 +32,8 @@ def held_out_samples(data: str, task: str, volume_processor, limit: int | None, 
 
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 sample, got {limit}")
     config, question_type = TASKS[task]
     rows = stream_rows(data, config, split, shuffle_buffer=shuffle_buffer, seed=0)
     rows = rows.filter(lambda row: row["question_type"] == question_type)

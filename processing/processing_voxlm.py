@@ -116,28 +116,58 @@ class VoxLMProcessor(ProcessorMixin):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def tokenize(
-        self, questions: list[str], answers: list[str] | None, image_token_counts: list[int] | None = None
+        self, questions: list[str], answers: list[str] | None, image_token_counts: list[int] | None = None,
+        max_length: int | None = None,
     ) -> list[tuple[list[int], list[int]]]:
         """Per sample, `(input_ids, labels)`: labels are `-100` on the prompt and cover the answer and EOS.
-        `image_token_counts` gives each prompt's placeholders (studies); default: `num_image_tokens` each."""
-        use_bos = self.tokenizer.chat_template is None
+        `image_token_counts` gives each prompt's placeholders (studies); default: `num_image_tokens` each.
+        `max_length`: as in [`tokenize_one`]."""
         samples = []
         for index, question in enumerate(questions):
-            expected = self.num_image_tokens if image_token_counts is None else image_token_counts[index]
-            prompt_ids = self.tokenizer(self.build_prompt(question, expected), add_special_tokens=use_bos)["input_ids"]
-            count = prompt_ids.count(self.image_token_id)
-            if count != expected:
-                raise ValueError(
-                    f"The prompt holds {count} image tokens instead of {expected}: the question must not "
-                    f"contain {self.image_token!r}, and the tokenizer must keep it as one special token"
-                )
-            if answers is None:
-                samples.append((prompt_ids, [IGNORE_INDEX] * len(prompt_ids)))
-                continue
-            answer_ids = self.tokenizer(answers[index], add_special_tokens=False)["input_ids"]
-            answer_ids = answer_ids + [self.tokenizer.eos_token_id]
-            samples.append((prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids))
+            count = None if image_token_counts is None else image_token_counts[index]
+            answer = None if answers is None else answers[index]
+            input_ids, labels, _ = self.tokenize_one(question, answer, count, max_length)
+            samples.append((input_ids, labels))
         return samples
+
+    def tokenize_one(
+        self, question: str, answer: str | None = None, num_image_tokens: int | None = None,
+        max_length: int | None = None,
+    ) -> tuple[list[int], list[int], bool]:
+        """One sample's `(input_ids, labels, truncated)`.
+
+        Args:
+            question (`str`), answer (`str`, *optional*): the texts; `None` for the answer builds a generation prompt.
+            num_image_tokens (`int`, *optional*): the prompt's placeholders (default: one volume's).
+            max_length (`int`, *optional*): most tokens of prompt and answer; a longer answer is cut to fit
+                (`truncated` is then `True`), a prompt longer than this is refused.
+
+        Raises:
+            `ValueError`: a text that is not a string, a question holding the image placeholder, or a prompt longer
+            than `max_length`.
+        """
+        for name, text in (("question", question), ("answer", answer)):
+            if not isinstance(text, str) and not (name == "answer" and text is None):
+                raise ValueError(f"the {name} must be text, got {type(text).__name__}")
+        expected = num_image_tokens or self.num_image_tokens
+        use_bos = self.tokenizer.chat_template is None
+        prompt_ids = self.tokenizer(self.build_prompt(question, expected), add_special_tokens=use_bos)["input_ids"]
+        count = prompt_ids.count(self.image_token_id)
+        if count != expected:
+            raise ValueError(
+                f"The prompt holds {count} image tokens instead of {expected}: the question must not "
+                f"contain {self.image_token!r}, and the tokenizer must keep it as one special token"
+            )
+        if max_length is not None and len(prompt_ids) > max_length:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens, more than max_length={max_length}")
+        if answer is None:
+            return prompt_ids, [IGNORE_INDEX] * len(prompt_ids), False
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        room = None if max_length is None else max_length - len(prompt_ids)
+        truncated = room is not None and len(answer_ids) > room
+        if truncated:
+            answer_ids = answer_ids[:room]
+        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
 
     def pad(self, samples, padding_side: str) -> dict[str, torch.Tensor]:
         """Pad `(input_ids, labels)` pairs to one length on the given side."""
@@ -160,6 +190,7 @@ class VoxLMProcessor(ProcessorMixin):
         masks=None,
         studies=None,
         padding_side: str | None = None,
+        max_length: int | None = None,
         return_tensors: str = "pt",
         **kwargs,
     ):
@@ -178,6 +209,7 @@ class VoxLMProcessor(ProcessorMixin):
                 placeholders of its number of series.
             padding_side (`str`, *optional*): `"left"` (the default without answers, for generation) or `"right"`
                 (the default with answers, for training).
+            max_length (`int`, *optional*): most tokens per sample; longer answers are cut, longer prompts refused.
             **kwargs: passed to the volume processor (`modality`, `window`, `return_metadata`).
 
         Returns:
@@ -205,7 +237,7 @@ class VoxLMProcessor(ProcessorMixin):
             image_features = self.image_processor(images, masks=masks, return_tensors=return_tensors, **kwargs)
             if image_features["pixel_values"].shape[0] != len(questions):
                 raise ValueError(f"{image_features['pixel_values'].shape[0]} volumes for {len(questions)} questions")
-        data = self.pad(self.tokenize(questions, answers, counts), padding_side)
+        data = self.pad(self.tokenize(questions, answers, counts, max_length), padding_side)
         if answers is None:
             del data["labels"]
         if image_features is not None:

@@ -174,7 +174,7 @@ def test_space_metadata_names_the_app_and_the_sdk():
     metadata = yaml.safe_load(header)
     assert metadata["sdk"] == "gradio" and metadata["app_file"] == "app.py"
     requirements = (REPO / "spaces" / "requirements.txt").read_text()
-    assert "gradio>=5" in requirements and "voxlm" in requirements
+    assert "gradio>=6" in requirements and "voxlm" in requirements
     assert all(path.stat().st_size < 100_000 for path in (REPO / "spaces" / "examples").iterdir())
 
 

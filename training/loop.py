@@ -3,7 +3,8 @@ with accumulation, logging, a progress bar, checkpoints, exact resumption, and t
 
 A stage supplies a model, a function that yields batches for an epoch (this process's share of a deterministic
 stream), and a `train_step(model, batch) -> (loss, logs)`. Resumption restores model, optimizer, schedule and RNG
-state with `accelerator.load_state` and skips the batches already consumed, so the loss curve continues exactly.
+state from the newest checkpoint that loads (`checkpoints.py`: no pickles) and skips the batches already consumed, so
+the loss curve continues exactly. A run never writes into a folder that holds another run unless told to replace it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
@@ -23,6 +25,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+
+from .checkpoints import resume, save_checkpoint
+from .data.output_folders import replace_or_refuse
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,9 @@ class RunSettings:
         checkpoint_every (`int`): save a resumable checkpoint every N steps (0: only at the end).
         log_every (`int`): log every N steps.
         seed (`int`): seeds model initialisation, shuffling and dropout.
-        resume (`bool`): continue from the last checkpoint in `output_dir`.
+        resume (`bool`): continue from the newest checkpoint in `output_dir` that loads.
+        overwrite (`bool`): start afresh in an `output_dir` that holds a run, deleting its checkpoints, history and
+            final model first; without it (or `resume`) such a folder is refused, so that no run is lost.
         tracker (`str`, *optional*): an Accelerate tracker (`"tensorboard"`, `"wandb"`, ...) or `None`.
         num_workers (`int`): DataLoader workers per process.
         find_unused_parameters (`bool`): DDP setting for models with parameters some batches do not use (VoxLM's
@@ -52,6 +59,8 @@ class RunSettings:
             compute) for a fraction of the activation memory (`benchmarks/RESULTS.md`, training step memory).
         compile (`bool`): compile the model in place with `torch.compile` (`nn.Module.compile`, so checkpoints and
             `save_pretrained` see the same module and keys); the first steps pay the compilation.
+        max_bad_fraction (`float`): stop with an error when more than this share of the rows seen (after the first
+            `MIN_ROWS_FOR_BAD_FRACTION`) could not be used; fewer are skipped, counted by kind and reported.
         module_learning_rates (`dict[str, float]`): a learning rate of their own for the parameters under these
             modules, named as in the model (`{vision_tower: 2.0e-5}`: a pre-trained encoder fine-tuned more gently
             than the projector and the LLM, as LLaVA's `mm_vision_tower_lr`); the schedule scales them alike.
@@ -70,11 +79,13 @@ class RunSettings:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     tracker: str | None = "tensorboard"
     num_workers: int = 0
     find_unused_parameters: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False
+    max_bad_fraction: float = 0.25
     module_learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -133,19 +144,6 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         overrides[key] = value
     return overrides
-
-
-class StepCounter:
-    """The optimizer step, saved and restored with Accelerate's checkpoints."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float,
@@ -212,10 +210,43 @@ def tracker_config(settings: RunSettings) -> dict:
     return config
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    folder = Path(output_dir) / "checkpoints"
-    checkpoints = sorted(folder.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1])) if folder.exists() else []
-    return checkpoints[-1] if checkpoints else None
+# A few bad rows at the start of a run are no verdict on the data.
+MIN_ROWS_FOR_BAD_FRACTION = 40
+
+
+class BadRowTally:
+    """The rows a run could not use, by kind (`truncated` rows are kept, and counted apart), against all it has seen;
+    too large a share of bad rows stops the run with a `ValueError` that names the counts."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction = max_fraction
+        self.counts = Counter()
+        self.seen = 0
+
+    @property
+    def bad(self) -> int:
+        return sum(count for kind, count in self.counts.items() if kind != "truncated")
+
+    def add(self, bad_rows: dict, good: int) -> None:
+        self.counts.update(bad_rows)
+        self.seen += good + sum(count for kind, count in bad_rows.items() if kind != "truncated")
+        if self.seen >= MIN_ROWS_FOR_BAD_FRACTION and self.bad > self.max_fraction * self.seen:
+            raise ValueError(f"{self.bad} of the {self.seen} rows seen could not be used ({self.describe()}), more "
+                             f"than run.max_bad_fraction={self.max_fraction}; fix the data or raise the setting")
+
+    def describe(self) -> str:
+        return ", ".join(f"{kind} {count}" for kind, count in sorted(self.counts.items())) or "none"
+
+
+def check_run_settings(settings: RunSettings) -> None:
+    """Refuse settings that cannot train, naming the setting."""
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"run.{name} must be at least 1, got {getattr(settings, name)}")
+    if not 0.0 <= settings.max_bad_fraction <= 1.0:
+        raise ValueError(f"run.max_bad_fraction must be in [0, 1], got {settings.max_bad_fraction}")
+    if settings.resume and settings.overwrite:
+        raise ValueError("run.resume and run.overwrite exclude each other: continue the run or replace it")
 
 
 def epoch_loader(samples, settings: RunSettings, collate_fn, seed: int) -> torch.utils.data.DataLoader:
@@ -252,34 +283,46 @@ def run_training(
     Returns:
         `(model, history, accelerator)`: the prepared model, the logged loss per optimizer step, and the accelerator.
     """
+    check_run_settings(settings)
     accelerator = accelerator or build_accelerator(settings)
+    if accelerator.is_main_process and not settings.resume:
+        # Another run's checkpoints would be resumed by mistake, or rotated away by this run's.
+        owned = ["checkpoints", f"{stage}_history.jsonl", f"{stage}_bad_rows.json", "final"]
+        replace_or_refuse(settings.output_dir, owned, settings.overwrite,
+                          "pass --resume to continue that run or --overwrite to replace it")
+    accelerator.wait_for_everyone()
     set_seed(settings.seed)
     apply_speed_settings(model, settings)
     groups = parameter_groups(model, settings.weight_decay, settings.module_learning_rates)
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    counter = StepCounter()
-    accelerator.register_for_checkpointing(counter)
-    checkpoint = latest_checkpoint(settings.output_dir) if settings.resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
-        logger.info("Resumed from %s at step %d", checkpoint, counter.step)
+    step = resume(accelerator, settings.output_dir) if settings.resume else 0
     if settings.tracker:
         accelerator.init_trackers(stage, config=tracker_config(settings))
     history_path = Path(settings.output_dir) / f"{stage}_history.jsonl"
     history_path.parent.mkdir(parents=True, exist_ok=True)
     history = []
-    consumed = counter.step * settings.gradient_accumulation_steps  # micro-batches already trained on
-    progress = tqdm(total=settings.max_steps, initial=counter.step, desc=stage, disable=not accelerator.is_main_process)
+    consumed = step * settings.gradient_accumulation_steps  # micro-batches already trained on
+    bad_rows = BadRowTally(settings.max_bad_fraction)
+    progress = tqdm(total=settings.max_steps, initial=step, desc=stage, disable=not accelerator.is_main_process)
     model.train()
     micro_batch = 0
+    last_batch = None
     for epoch in count():
-        if counter.step >= settings.max_steps:
+        if step >= settings.max_steps:
             break
         seen_in_epoch = 0
         for batch in batches_for_epoch(epoch):
+            good_rows = len(batch["input_ids"]) if "input_ids" in batch else 0
+            bad_rows.add(batch.pop("bad_rows", {}), good_rows)
+            loss_weight = 1.0
+            if good_rows == 0:  # every row of this batch was bad
+                if accelerator.num_processes == 1 or last_batch is None:
+                    continue
+                # The other processes step on this micro-batch: keep DDP's collectives in step with a weightless one.
+                batch, loss_weight = last_batch, 0.0
+            last_batch = batch
             if micro_batch < consumed:  # resuming: these batches were trained on before the checkpoint
                 micro_batch += 1
                 seen_in_epoch += 1
@@ -288,7 +331,7 @@ def run_training(
             seen_in_epoch += 1
             with accelerator.accumulate(model):
                 loss, logs = train_step(model, move_to(batch, accelerator.device))
-                accelerator.backward(loss)
+                accelerator.backward(loss * loss_weight)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
@@ -296,24 +339,30 @@ def run_training(
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            counter.step += 1
-            record = {"step": counter.step, "loss": loss.detach().float().item(), "lr": scheduler.get_last_lr()[0]}
+            step += 1
+            record = {"step": step, "loss": loss.detach().float().item(), "lr": scheduler.get_last_lr()[0]}
             record.update({key: float(value) for key, value in logs.items()})
             history.append(record)
             if accelerator.is_main_process:
                 with open(history_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            if settings.tracker and (counter.step % settings.log_every == 0 or counter.step == 1):
-                accelerator.log(record, step=counter.step)
+            if settings.tracker and (step % settings.log_every == 0 or step == 1):
+                accelerator.log(record, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if settings.checkpoint_every and counter.step % settings.checkpoint_every == 0:
-                accelerator.save_state()
-            if counter.step >= settings.max_steps:
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                save_checkpoint(accelerator, step)
+            if step >= settings.max_steps:
                 break
         if seen_in_epoch == 0:
             raise ValueError(f"{stage}: the training data of this process is empty; nothing to train on")
     progress.close()
+    if bad_rows.counts:
+        logger.warning("%s: %d of the %d rows seen could not be used and were skipped (%s)", stage, bad_rows.bad,
+                       bad_rows.seen, bad_rows.describe())
+    if accelerator.is_main_process:
+        (Path(settings.output_dir) / f"{stage}_bad_rows.json").write_text(
+            json.dumps({"seen": bad_rows.seen, "bad": bad_rows.bad, "by_kind": dict(bad_rows.counts)}))
     return model, history, accelerator
 
 

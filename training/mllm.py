@@ -96,9 +96,11 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
     """
     set_seed(settings.run.seed)
     model, processor = load_model(settings)
+    # Longer samples are cut to the LLM's context (positions beyond it have no embedding, and memory grows with it).
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
+    collator = InstructionCollator(processor, max_length=context)
     model = prepare_trainable(model)
     accelerator = build_accelerator(settings.run)
-    collator = InstructionCollator(processor)
     volume_processor = processor.image_processor
 
     def batches_for_epoch(epoch: int):
@@ -116,12 +118,15 @@ def add_stage_parser(subparsers, name: str, help_text: str, example: str, run) -
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML settings (sections init_from, model, lora, data, run)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that run.output_dir holds (its checkpoints, history and final model)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
     parser.set_defaults(func=lambda args: run(settings_from_args(args)))
 
 
 def settings_from_args(args) -> MLLMSettings:
     overrides = parse_overrides(args.overrides)
-    if args.resume:
-        overrides["run.resume"] = "true"
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag):
+            overrides[f"run.{flag}"] = "true"
     return load_settings(MLLMSettings, args.config, overrides)

@@ -51,6 +51,7 @@ class QuickstartSettings:
         closed_vqa_samples (`int`, *optional*): held-out closed questions to score; `None`: every one of the test
             patients (about 800 with the defaults), so that the accuracy is not a draw of a few dozen questions.
         seed (`int`): seeds data and models.
+        overwrite (`bool`): replace what an earlier quickstart left in `output_dir` (else such a folder is refused).
     """
 
     output_dir: str = "voxlm-quickstart"
@@ -69,11 +70,13 @@ class QuickstartSettings:
     eval_samples: int = 100
     closed_vqa_samples: int | None = None
     seed: int = 0
+    overwrite: bool = False
 
 
 def run(settings: QuickstartSettings, stage_settings: dict, name: str) -> RunSettings:
     return RunSettings(output_dir=str(Path(settings.output_dir) / name), seed=settings.seed, tracker="tensorboard",
-                       checkpoint_every=250, **{"batch_size": settings.batch_size, **stage_settings})
+                       checkpoint_every=250, overwrite=settings.overwrite,
+                       **{"batch_size": settings.batch_size, **stage_settings})
 
 
 def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_samples: int,
@@ -119,7 +122,8 @@ def run_quickstart(settings: QuickstartSettings) -> list[dict]:
     out = Path(settings.output_dir)
     logger.info("1/5 Writing %d phantom head CTs to %s", settings.num_cases, out / "data")
     data = write_phantom_dataset(out / "data", settings.num_cases, shape=tuple(settings.phantom_shape),
-                                 seed=settings.seed, test_fraction=0.25, rows_per_shard=256)
+                                 seed=settings.seed, test_fraction=0.25, rows_per_shard=256,
+                                 overwrite=settings.overwrite)
     logger.info("2/5 Pre-training VoxCLIP (%d steps)", settings.clip_steps)
     # The packaged MiniLM stays locked (only its projection trains): the encoder learns to meet a fixed text space
     # with no backward pass through the text tower, which is what fits pre-training in the CPU budget.
@@ -197,7 +201,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--closed-vqa-samples", type=int, default=defaults.closed_vqa_samples,
                         help="held-out closed questions to score (default: all of them)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run left in --output-dir")
     parser.set_defaults(func=lambda args: run_quickstart(QuickstartSettings(
         output_dir=args.output_dir, llm=args.llm, num_cases=args.num_cases, clip_steps=args.clip_steps,
         align_steps=args.align_steps, finetune_steps=args.finetune_steps, eval_samples=args.eval_samples,
-        closed_vqa_samples=args.closed_vqa_samples, seed=args.seed)))
+        closed_vqa_samples=args.closed_vqa_samples, seed=args.seed, overwrite=args.overwrite)))

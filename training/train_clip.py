@@ -235,13 +235,16 @@ def train(settings: ClipSettings) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (sections model, data, run)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that run.output_dir holds (its checkpoints, history and final model)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
 
 
 def run_from_args(args) -> Path:
     overrides = parse_overrides(args.overrides)
-    if args.resume:
-        overrides["run.resume"] = "true"
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag):
+            overrides[f"run.{flag}"] = "true"
     return train(load_settings(ClipSettings, args.config, overrides))
 
 

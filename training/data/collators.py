@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 from transformers import DataCollatorForLanguageModeling
 
 from voxlm.processing import VoxLMProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def bad_rows_of(samples: list[dict]) -> Counter:
+    """The bad rows `PreprocessedStream` skipped before these samples, by kind."""
+    return sum((Counter(sample.get("bad_rows_before") or {}) for sample in samples), Counter())
 
 
 class ContrastiveCollator:
@@ -64,6 +74,7 @@ class ContrastiveCollator:
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "has_report": torch.tensor([bool(report) for report in reports]),
+            "bad_rows": dict(bad_rows_of(samples)),
         }
         if self.masker is not None:
             masked = self.masker([{"input_ids": ids, "special_tokens_mask": special}
@@ -78,21 +89,57 @@ class InstructionCollator:
     """Question-answer samples for VoxLM: prompts and labels from `VoxLMProcessor` (labels only on the answer),
     the preprocessed volumes, and `seg_masks` / `has_mask` for samples that carry a mask.
 
+    A sample that cannot join the batch is left out and logged, never the batch: a text that is missing or not a
+    string, or a volume of another shape than the batch's first (`collate`), a question that cannot form a prompt
+    (`tokenize`, e.g. one that quotes `<im_patch>`); an answer too long for `max_length` is cut (`truncated`). The
+    batch's `bad_rows` counts them by kind, with the rows `PreprocessedStream` skipped before these samples; a batch
+    of nothing but bad rows holds only `bad_rows`.
+
     Args:
         processor (`VoxLMProcessor`): the model's processor.
         with_answers (`bool`, defaults to `True`): `False` builds generation prompts (left padded, no labels).
+        max_length (`int`, *optional*): most tokens per sample (the LLM's context).
     """
 
-    def __init__(self, processor: VoxLMProcessor, with_answers: bool = True):
+    def __init__(self, processor: VoxLMProcessor, with_answers: bool = True, max_length: int | None = None):
         self.processor = processor
         self.with_answers = with_answers
+        self.max_length = max_length
 
     def __call__(self, samples: list[dict]) -> dict:
-        answers = [sample["answer"] for sample in samples] if self.with_answers else None
-        batch = dict(self.processor(text=[sample["question"] for sample in samples], answers=answers))
-        batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])
-        if any("seg_mask" in sample for sample in samples):
-            empty = torch.zeros_like(samples[0]["pixel_values"])
-            batch["seg_masks"] = torch.stack([sample.get("seg_mask", empty) for sample in samples])
-            batch["has_mask"] = torch.tensor(["seg_mask" in sample for sample in samples])
+        bad_rows = bad_rows_of(samples)
+        kept, texts = [], []
+        for sample in samples:
+            try:
+                kind = "collate"
+                if sample.get("question") is None or (self.with_answers and sample.get("answer") is None):
+                    raise ValueError("the question or the answer is missing")
+                if kept and sample["pixel_values"].shape != kept[0]["pixel_values"].shape:
+                    raise ValueError(f"volume of shape {tuple(sample['pixel_values'].shape)}, the batch's is "
+                                     f"{tuple(kept[0]['pixel_values'].shape)}")
+                kind = "tokenize"
+                answer = sample["answer"] if self.with_answers else None
+                input_ids, labels, truncated = self.processor.tokenize_one(sample["question"], answer,
+                                                                           max_length=self.max_length)
+            except ValueError as error:
+                bad_rows[kind] += 1
+                logger.warning("Skipping row %s: %s: %s", sample.get("id", "?"), kind, error)
+                continue
+            if truncated:
+                bad_rows["truncated"] += 1
+                logger.warning("Row %s: the answer is cut to max_length=%d tokens", sample.get("id", "?"),
+                               self.max_length)
+            kept.append(sample)
+            texts.append((input_ids, labels))
+        batch = {"bad_rows": dict(bad_rows)}
+        if not kept:
+            return batch
+        batch.update(self.processor.pad(texts, "right" if self.with_answers else "left"))
+        if not self.with_answers:
+            del batch["labels"]
+        batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in kept])
+        if any("seg_mask" in sample for sample in kept):
+            empty = torch.zeros_like(kept[0]["pixel_values"])
+            batch["seg_masks"] = torch.stack([sample.get("seg_mask", empty) for sample in kept])
+            batch["has_mask"] = torch.tensor(["seg_mask" in sample for sample in kept])
         return batch

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .output_folders import replace_or_refuse
+
 CONFIGS = {
     "cap": ("report",),
     "vqa": ("closed", "open"),
@@ -118,7 +120,8 @@ def dataset_card(configs: dict[str, list[str]], description: str) -> str:
     return "\n".join(lines)
 
 
-def write_dataset(rows: list[dict], out_dir: str | Path, description: str, rows_per_shard: int = 200) -> Path:
+def write_dataset(rows: list[dict], out_dir: str | Path, description: str, rows_per_shard: int = 200,
+                  overwrite: bool = False) -> Path:
     """Write rows (each with `question_type` and `split`) into the Hub format under `out_dir`.
 
     Args:
@@ -126,8 +129,11 @@ def write_dataset(rows: list[dict], out_dir: str | Path, description: str, rows_
         out_dir (`str` or `Path`): the dataset folder (created).
         description (`str`): the card's body.
         rows_per_shard (`int`, defaults to 200): rows per Parquet file; more shards let more workers stream at once.
+        overwrite (`bool`, defaults to `False`): replace a dataset `out_dir` already holds (its `data/` shards and
+            card); without it such a folder is refused, since its stale shards would be streamed with the new ones.
     """
     out_dir = Path(out_dir)
+    replace_or_refuse(out_dir, ["data", "README.md"], overwrite, "pass --overwrite to replace that dataset")
     grouped: dict[str, dict[str, list[dict]]] = {}
     for row in rows:
         if row["split"] not in SPLITS:

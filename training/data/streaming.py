@@ -3,12 +3,13 @@
 Rows stream lazily with `datasets` (`streaming=True`), are split across processes with `split_dataset_by_node` and
 across DataLoader workers by `datasets` itself (one worker per shard subset), shuffled in a buffer, then decoded and
 preprocessed by the model's own `VoxVolumeProcessor` in the worker. A row that cannot be decoded or preprocessed is
-skipped, counted and logged with its id: training never dies on one bad sample.
+skipped, counted by kind and logged with its id: training never dies on one bad sample.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from contextlib import contextmanager
 
 import datasets.config
@@ -67,19 +68,49 @@ def stream_rows(path: str, config: str, split: str, rank: int = 0, world_size: i
     return rows
 
 
+class BadRowError(ValueError):
+    """A row that cannot become a training sample; `kind` says at which step (`BAD_ROW_KINDS`)."""
+
+    def __init__(self, kind: str, row_id, problem):
+        super().__init__(f"row {row_id}: {kind}: {problem}")
+        self.kind = kind
+
+
+# Where a row can fail: its bytes (`decode`), the volume processor (`preprocess`), the prompt (`tokenize`), the batch
+# (`collate`: a missing or non-text field, a volume of another shape). `truncated` rows are kept, their answer cut.
+BAD_ROW_KINDS = ("decode", "preprocess", "tokenize", "collate")
+
+
 def preprocess_row(row: dict, processor: VoxVolumeProcessor) -> dict:
-    """One row -> a sample: `pixel_values (1, D, H, W)`, `seg_mask (1, D, H, W)` when the row has a mask, texts."""
-    volume = decode_array(row["image"])
-    pixel_values, metadata = processor.preprocess_volume(volume, modality=row.get("modality"))
+    """One row -> a sample: `pixel_values (1, D, H, W)`, `seg_mask (1, D, H, W)` when the row has a mask, texts.
+
+    Raises:
+        `BadRowError`: the image or mask bytes cannot be decoded, or the volume processor refuses the volume.
+    """
+    row_id = row.get("id", "?")
+    try:
+        volume = decode_array(row["image"])
+        mask = decode_array(row["mask"]) if row.get("mask") is not None else None
+    except (ValueError, KeyError, TypeError, MemoryError) as error:
+        raise BadRowError("decode", row_id, error) from error
+    try:
+        pixel_values, metadata = processor.preprocess_volume(volume, modality=row.get("modality"))
+        seg_mask = None if mask is None else processor.preprocess_mask(mask, metadata)
+    except (ValueError, OSError, EOFError, TypeError, MemoryError) as error:
+        raise BadRowError("preprocess", row_id, error) from error
     sample = {key: row.get(key) for key in TEXT_FIELDS}
     sample["pixel_values"] = pixel_values
-    if row.get("mask") is not None:
-        sample["seg_mask"] = processor.preprocess_mask(decode_array(row["mask"]), metadata)
+    if seg_mask is not None:
+        sample["seg_mask"] = seg_mask
     return sample
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
     """Rows of a streaming dataset, decoded and preprocessed where they are iterated (in each DataLoader worker).
+
+    A row that cannot be decoded or preprocessed is skipped and logged; the next sample that is yielded carries the
+    skips since the previous one as `bad_rows_before` (`{kind: count}`), so that the collators and the training loop
+    count them across DataLoader workers.
 
     Args:
         rows (`datasets.IterableDataset`): from `stream_rows`.
@@ -87,8 +118,7 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         limit (`int`, *optional*): stop after this many good samples (per worker).
 
     Attributes:
-        skipped (`int`): rows skipped in this process (counted per worker when workers are used; each skip is logged
-            with the row id).
+        skipped (`int`): rows skipped in this process (counted per worker when workers are used).
     """
 
     def __init__(self, rows, processor: VoxVolumeProcessor, limit: int | None = None):
@@ -114,15 +144,17 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
 
     def preprocessed(self, rows):
         produced = 0
+        bad_rows = Counter()
         for row in rows:
             try:
                 sample = preprocess_row(row, self.processor)
-            except (ValueError, OSError, EOFError, KeyError, TypeError) as error:
+            except BadRowError as error:
                 # A bad sample costs one sample, never the run.
                 self.skipped += 1
-                logger.warning("Skipping row %s: %s", row.get("id", "?"), error)
+                bad_rows[error.kind] += 1
+                logger.warning("Skipping %s", error)
                 continue
-            sample["skipped_before"] = self.skipped
+            sample["bad_rows_before"], bad_rows = dict(bad_rows), Counter()
             yield sample
             produced += 1
             if self.limit is not None and produced >= self.limit:
