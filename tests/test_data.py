@@ -144,6 +144,23 @@ def test_planted_corrupt_rows_are_skipped_and_counted(phantom_dir, tmp_path, cap
     assert rows[3]["id"] in caplog.text and rows[11]["id"] in caplog.text
 
 
+def test_a_corrupt_parquet_page_ends_the_pass_with_a_message_instead_of_the_run(phantom_dir, tmp_path, caplog):
+    rows = pq.read_table(next((phantom_dir / "data" / "vqa").glob("train-*.parquet"))).to_pylist()[:12]
+    folder = tmp_path / "bad"
+    write_shards(rows, folder / "data" / "vqa", "train", rows_per_shard=12)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: vqa\n  data_files:\n  - split: train\n    path: data/vqa/train-*.parquet\n---\n"
+    )
+    shard = next((folder / "data" / "vqa").glob("*.parquet"))
+    page = pq.ParquetFile(shard).metadata.row_group(0).column(0).data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[page : page + 30] = bytes(b ^ 0x5A for b in data[page : page + 30])  # the first page header
+    shard.write_bytes(bytes(data))
+    stream = PreprocessedStream(stream_rows(folder, "vqa", "train"), VoxVolumeProcessor(image_size=(8, 16, 16)))
+    assert list(stream) == []
+    assert "The row stream broke after 0 samples (OSError" in caplog.text
+
+
 def test_dataloader_workers_and_collators(phantom_dir, smollm2_tokenizer, minilm_dir):
     from transformers import AutoTokenizer
 

@@ -13,6 +13,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import datasets.config
+import pyarrow as pa
 import torch
 from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
@@ -145,7 +146,17 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
     def preprocessed(self, rows):
         produced = 0
         bad_rows = Counter()
-        for row in rows:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as error:
+                # A shard that cannot be read (a corrupt Parquet page) ends `datasets`' iterator: the run goes on with
+                # what this pass yielded, and says what was lost.
+                logger.error("The row stream broke after %d samples (%s: %s); the rest of this pass over the data is "
+                             "skipped: check the dataset's shards", produced, type(error).__name__, error)
+                return
             try:
                 sample = preprocess_row(row, self.processor)
             except BadRowError as error:
