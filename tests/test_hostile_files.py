@@ -346,13 +346,20 @@ def deflate_bomb(size: int) -> bytes:
     return block * (size // (64 * 2**20)) + b"\x03\x00"  # an empty final block ends the stream
 
 
-def dicom_deflated_bomb(folder):
-    """Two deflated DICOM slices whose data set inflates to 1 GiB each, from 1 MB on disk."""
-    series = dicom_series(folder, count=2)
+def deflated_series(folder, count: int):
+    """A DICOM series of `count` slices saved with the deflated transfer syntax."""
+    series = dicom_series(folder, count=count)
     for path in series.iterdir():
         dataset = pydicom.dcmread(path)
         dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
         dataset.save_as(path, enforce_file_format=True)
+    return series
+
+
+def dicom_deflated_bomb(folder):
+    """Two deflated DICOM slices whose data set inflates to 1 GiB each, from 1 MB on disk."""
+    series = deflated_series(folder, count=2)
+    for path in series.iterdir():
         offset = 132 + 12 + int(pydicom.filereader.read_file_meta_info(path).FileMetaInformationGroupLength)
         path.write_bytes(path.read_bytes()[:offset] + deflate_bomb(2**30))
     return series
@@ -366,12 +373,7 @@ def dicom_many_files(folder):
 
 
 def dicom_deflated_ok(folder):
-    series = dicom_series(folder, count=3)
-    for path in series.iterdir():
-        dataset = pydicom.dcmread(path)
-        dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
-        dataset.save_as(path, enforce_file_format=True)
-    return series
+    return deflated_series(folder, count=3)
 
 
 # ---------------------------------------------------------------- builders: archives
