@@ -135,6 +135,23 @@ def build_dataclass(cls, values: dict, base=None):
     return dataclasses.replace(base, **changes)
 
 
+def add_run_arguments(parser) -> None:
+    """A stage command's `--resume`, `--overwrite` and `section.key=value` overrides."""
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that run.output_dir holds (its checkpoints, history and final model)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
+
+
+def overrides_from_args(args) -> dict:
+    """The overrides `add_run_arguments` parsed, with `--resume` / `--overwrite` as `run.resume` / `run.overwrite`."""
+    overrides = parse_overrides(args.overrides)
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag):
+            overrides[f"run.{flag}"] = "true"
+    return overrides
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`["run.max_steps=10", ...]` -> `{"run.max_steps": "10", ...}`."""
     overrides = {}

@@ -15,7 +15,7 @@ from voxlm.modeling.losses import label_positions
 from voxlm.training.assemble import ModelSettings, build_voxlm
 from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import (
-    RunSettings, build_accelerator, epoch_loader, load_settings, parse_overrides, run_training,
+    RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
 )
 from voxlm.training.trainable import LoraSettings
 
@@ -117,16 +117,10 @@ def add_stage_parser(subparsers, name: str, help_text: str, example: str, run) -
     parser = subparsers.add_parser(name, help=help_text, description=f"{help_text}.\nExample: {example}",
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML settings (sections init_from, model, lora, data, run)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run that run.output_dir holds (its checkpoints, history and final model)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
+    add_run_arguments(parser)
     parser.set_defaults(func=lambda args: run(settings_from_args(args)))
 
 
 def settings_from_args(args) -> MLLMSettings:
-    overrides = parse_overrides(args.overrides)
-    for flag in ("resume", "overwrite"):
-        if getattr(args, flag):
-            overrides[f"run.{flag}"] = "true"
+    overrides = overrides_from_args(args)
     return load_settings(MLLMSettings, args.config, overrides)

@@ -29,7 +29,8 @@ from voxlm.processing import VoxVolumeProcessor
 from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.training.data.studies import StudyCollator, StudySampling
 from voxlm.training.loop import (
-    RunSettings, build_accelerator, epoch_loader, load_settings, parse_overrides, run_training, save_final,
+    RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
+    save_final,
 )
 from voxlm.training.trainable import freeze_text_layers
 
@@ -234,17 +235,11 @@ def train(settings: ClipSettings) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (sections model, data, run)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run that run.output_dir holds (its checkpoints, history and final model)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=10")
+    add_run_arguments(parser)
 
 
 def run_from_args(args) -> Path:
-    overrides = parse_overrides(args.overrides)
-    for flag in ("resume", "overwrite"):
-        if getattr(args, flag):
-            overrides[f"run.{flag}"] = "true"
+    overrides = overrides_from_args(args)
     return train(load_settings(ClipSettings, args.config, overrides))
 
 
