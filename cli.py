@@ -10,8 +10,9 @@ import sys
 
 from voxlm import inference
 from voxlm.evaluation import cli as evaluation_cli
-from voxlm.training import finetune, pretrain_projector, quickstart, scaling, train_clip
-from voxlm.training.data import phantom_dataset
+from voxlm import quickstart
+from voxlm.training import finetune, pretrain_projector, scaling, train_clip
+from voxlm.data import phantom_dataset
 
 
 # What `voxlm env` reports: the releases a bug report needs (pyproject.toml's dependencies that break most often).

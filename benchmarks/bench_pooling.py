@@ -27,7 +27,7 @@ def phantom_tensors(num_cases: int, image_size) -> tuple:
     import torch
 
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data.phantoms import generate_case
+    from voxlm.data.phantoms import generate_case
 
     processor = VoxVolumeProcessor(image_size=image_size)
     volumes, labels = [], []

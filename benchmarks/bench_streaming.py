@@ -21,7 +21,7 @@ import torch
 
 import common
 from voxlm.processing import VoxVolumeProcessor
-from voxlm.training.data import PreprocessedStream, stream_rows, write_phantom_dataset
+from voxlm.data import PreprocessedStream, stream_rows, write_phantom_dataset
 
 
 def stream_rate(folder: str, args, workers: int) -> float:

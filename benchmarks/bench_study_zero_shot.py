@@ -1,6 +1,6 @@
 """Whole studies against one random series: zero-shot "hemorrhage present" when the finding is in one series only.
 
-Phantom head-CT studies (`voxlm.training.data.studies`: brain window, bone window, post-contrast, thick slices) in
+Phantom head-CT studies (`voxlm.data.studies`: brain window, bone window, post-contrast, thick slices) in
 which half of the findings are drawn into one randomly chosen series only and the rest into every series (the
 generator's default, `--single-series-fraction 0.5`). The same small VoxCLIP
 (the quickstart's VoxViT: 16 x 64 x 64 input, 4 x 16 x 16 patches, width 192, 3 blocks, max pooling; here in study
@@ -44,8 +44,9 @@ def phantom_studies(seeds, single_series_fraction: float) -> list[dict]:
     """Study rows of the phantom `seeds`, every series preprocessed: `series` a list of `(C, D, H, W)` tensors in
     stored order, plus `report`, `hemorrhage` (0 / 1), `finding_series` and `split`."""
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data.phantoms import HEMORRHAGE_TYPES
-    from voxlm.training.data.studies import generate_study, series_pixel_values
+    from voxlm.data.phantoms import HEMORRHAGE_TYPES
+    from voxlm.data.phantom_studies import generate_study
+    from voxlm.data.study_sampling import series_pixel_values
 
     processor = VoxVolumeProcessor(image_size=IMAGE_SIZE)
     studies = []
@@ -60,7 +61,7 @@ def phantom_studies(seeds, single_series_fraction: float) -> list[dict]:
 def split_seeds(num_train_seeds: int, num_test: int) -> tuple[list[int], list[int]]:
     """Seeds of the training studies (the train-split patients among the first `num_train_seeds`) and of the first
     `num_test` test-split patients: the held-out set grows without changing what the models train on."""
-    from voxlm.training.data.hub_format import split_of
+    from voxlm.data.hub_format import split_of
 
     def split(seed: int) -> str:  # the split `generate_study` gives the seed's patient
         return split_of(f"phantom-patient-{seed:06d}", test_fraction=0.2)
@@ -108,7 +109,7 @@ def train_arm(sampling, train: list[dict], args) -> tuple:
     from transformers import get_cosine_schedule_with_warmup
 
     from voxlm.processing import pad_studies
-    from voxlm.training.data.studies import sample_study
+    from voxlm.data.study_sampling import sample_study
     from voxlm.training.loop import parameter_groups
 
     model, tokenizer = build_model(args.seed)
@@ -198,7 +199,7 @@ def main() -> None:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from voxlm.training.data.studies import StudySampling
+    from voxlm.data.study_sampling import StudySampling
 
     train_seeds, test_seeds = split_seeds(args.studies, args.test_studies)
     train = phantom_studies(train_seeds, args.single_series_fraction)

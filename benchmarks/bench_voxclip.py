@@ -50,8 +50,8 @@ def held_out_labelled(num_cases: int):
     import torch
 
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data.hub_format import split_of
-    from voxlm.training.data.phantoms import generate_case
+    from voxlm.data.hub_format import split_of
+    from voxlm.data.phantoms import generate_case
 
     processor = VoxVolumeProcessor(image_size=IMAGE_SIZE)
     volumes, labels = [], []
@@ -92,7 +92,7 @@ def score(folder: Path, data: Path, volumes, labels) -> dict:
     from voxlm.evaluation.runner import evaluate_retrieval
     from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data import PreprocessedStream, stream_rows
+    from voxlm.data import PreprocessedStream, stream_rows
 
     clip, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     pairs = list(islice(PreprocessedStream(stream_rows(data, "cap", "test"), VoxVolumeProcessor(image_size=IMAGE_SIZE)),
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from voxlm.training.data import write_phantom_dataset
+    from voxlm.data import write_phantom_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -16,9 +16,9 @@ from voxlm.cli import main
 from voxlm.training import finetune, pretrain_projector
 from voxlm.training.checkpoints import CheckpointError
 from voxlm.training.loop import RunSettings, check_run_settings
-from voxlm.training.data import encode_array, write_dataset, write_phantom_dataset
-from voxlm.training.data.phantom_dataset import case_rows
-from voxlm.training.data.phantoms import generate_case
+from voxlm.data import encode_array, write_dataset, write_phantom_dataset
+from voxlm.data.phantom_dataset import case_rows
+from voxlm.data.phantoms import generate_case
 
 
 class Payload:

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from datasets import load_dataset
 
-from voxlm.training.data.converters import (
+from voxlm.data.converters import (
     convert_cq500,
     convert_m3d_cap,
     convert_m3d_refseg,

@@ -7,7 +7,7 @@ import torch
 from datasets import load_dataset
 
 from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor, add_voxlm_tokens, parse_boxes
-from voxlm.training.data import (
+from voxlm.data import (
     ContrastiveCollator,
     InstructionCollator,
     PreprocessedStream,
@@ -15,9 +15,9 @@ from voxlm.training.data import (
     stream_rows,
     write_phantom_dataset,
 )
-from voxlm.training.data.hub_format import SCHEMA, write_shards
-from voxlm.training.data.streaming import STREAM_CLOSE_SLEEP_S
-from voxlm.training.data.phantoms import HU_BLOOD, SIZES, box_of
+from voxlm.data.hub_format import SCHEMA, write_shards
+from voxlm.data.streaming import STREAM_CLOSE_SLEEP_S
+from voxlm.data.phantoms import HU_BLOOD, SIZES, box_of
 
 CASES = [generate_case(seed, shape=(32, 64, 64)) for seed in range(60)]
 ABNORMAL = [case for case in CASES if case.finding is not None]

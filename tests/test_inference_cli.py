@@ -151,7 +151,7 @@ def test_boxes_map_to_canonical_voxels_and_world_mm(tmp_path):
 
 
 def test_retrieve_ranks_every_report_by_cosine_similarity(demo_model_dirs, tmp_path, capsys):
-    from voxlm.training.data import generate_case
+    from voxlm.data import generate_case
 
     reports = [generate_case(seed).report for seed in range(5)]
     (tmp_path / "reports.json").write_text(json.dumps([{"id": i, "report": r} for i, r in enumerate(reports)]))

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoProcessor
 import voxlm  # noqa: F401
 from voxlm.training import finetune, pretrain_projector
 from voxlm.training.assemble import ModelSettings, build_voxlm
-from voxlm.training.data import write_phantom_dataset
+from voxlm.data import write_phantom_dataset
 from voxlm.training.loop import parse_overrides
 from voxlm.training.mllm import MLLMSettings, lm_train_step
 from voxlm.training.trainable import LoraSettings, apply_lora

@@ -213,9 +213,9 @@ SMALL_STUDY_SHAPE = (16, 48, 48)
 
 
 def test_phantom_study_has_four_series_and_keeps_single_series_findings_in_one_series():
-    from voxlm.training.data.hub_format import decode_array
-    from voxlm.training.data.phantoms import generate_case
-    from voxlm.training.data.studies import SERIES_KINDS, generate_study
+    from voxlm.data.hub_format import decode_array
+    from voxlm.data.phantoms import generate_case
+    from voxlm.data.phantom_studies import SERIES_KINDS, generate_study
 
     row = generate_study(8, shape=SMALL_STUDY_SHAPE, single_series_fraction=1.0)
     assert row == generate_study(8, shape=SMALL_STUDY_SHAPE, single_series_fraction=1.0)  # deterministic
@@ -233,8 +233,8 @@ def test_phantom_study_has_four_series_and_keeps_single_series_findings_in_one_s
 
 
 def test_post_contrast_and_thick_series_change_what_they_should():
-    from voxlm.training.data.phantoms import generate_case
-    from voxlm.training.data.studies import post_contrast, thick_slices
+    from voxlm.data.phantoms import generate_case
+    from voxlm.data.phantom_studies import post_contrast, thick_slices
 
     head = generate_case(1, shape=SMALL_STUDY_SHAPE, normal_fraction=1.0).volume
     enhanced = post_contrast(head)
@@ -246,7 +246,8 @@ def test_post_contrast_and_thick_series_change_what_they_should():
 
 
 def test_sampling_caps_series_and_shuffles_report_sentences():
-    from voxlm.training.data.studies import StudyError, StudySampling, sample_study
+    from voxlm.data.hub_format import StudyError
+    from voxlm.data.study_sampling import StudySampling, sample_study
 
     row = dict(id="s", series=[dict(description=str(i)) for i in range(4)], report="One. Two! Three? Four.")
     rng = np.random.default_rng(0)
@@ -268,7 +269,9 @@ def test_study_rows_stream_from_parquet_and_collate_into_study_mode(tmp_path):
     from datasets import load_dataset
 
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data.studies import StudyCollator, StudySampling, generate_study, write_study_dataset
+    from voxlm.data.hub_format import write_study_dataset
+    from voxlm.data.phantom_studies import generate_study
+    from voxlm.data.study_sampling import StudyCollator, StudySampling
 
     rows = [generate_study(seed, shape=SMALL_STUDY_SHAPE) for seed in range(3)]
     for row in rows:

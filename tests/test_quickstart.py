@@ -8,13 +8,13 @@ import sys
 
 from voxlm import cli
 from voxlm.evaluation.cli import evaluate
-from voxlm.training.quickstart import EVAL_SHUFFLE_BUFFER
+from voxlm.quickstart import EVAL_SHUFFLE_BUFFER
 
 # Loads a saved folder in a new process and answers the hemorrhage question about new phantoms (seeds in argv).
 ANSWER_NEW_PHANTOMS = """
 import json, sys, voxlm
 from transformers import AutoModel, AutoProcessor
-from voxlm.training.data import generate_case
+from voxlm.data import generate_case
 model, processor = AutoModel.from_pretrained(sys.argv[1]).eval(), AutoProcessor.from_pretrained(sys.argv[1])
 cases = [generate_case(seed, shape=(32, 64, 64)) for seed in json.loads(sys.argv[2])]
 question = "Is there an intracranial hemorrhage?"
@@ -68,8 +68,8 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
 def test_quickstart_model_answers_about_new_phantoms_better_than_chance(tmp_path):
     """A shorter quickstart (VQA-only fine-tuning, 1,200 steps) leaves a folder that, loaded in a new process, tells
     hemorrhage from no hemorrhage on new phantoms: on a balanced set any fixed answer scores exactly one half."""
-    from voxlm.training.data import generate_case
-    from voxlm.training.quickstart import QuickstartSettings, run_quickstart
+    from voxlm.data import generate_case
+    from voxlm.quickstart import QuickstartSettings, run_quickstart
 
     run_quickstart(QuickstartSettings(output_dir=str(tmp_path), align_steps=10, finetune_steps=1200,
                                       finetune_tasks={"vqa": 1.0}, eval_samples=8,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from tiny_models import DEMO_SEG_QUESTION
 
-from voxlm.training.data import generate_case
+from voxlm.data import generate_case
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "spaces" / "app.py"

@@ -17,7 +17,7 @@ from tiny_models import tiny_vision_config
 from voxlm.modeling import VoxCLIPConfig, VoxCLIPModel
 from voxlm.modeling.losses import infonce_loss, inter_patient_loss, inter_patient_targets, siglip_loss
 from voxlm.modeling.modeling_voxclip import TextEncoderNotFoundError
-from voxlm.training.data import write_phantom_dataset
+from voxlm.data import write_phantom_dataset
 
 
 def unit(rows):

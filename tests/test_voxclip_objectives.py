@@ -359,7 +359,7 @@ def test_every_term_runs_from_the_saved_code_without_voxlm(tmp_path):
 def test_collator_marks_image_only_rows_and_masks_reports_the_bert_way(minilm_dir):
     from transformers import AutoTokenizer
 
-    from voxlm.training.data import ContrastiveCollator
+    from voxlm.data import ContrastiveCollator
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     long_report = " ".join(["left frontal intraparenchymal hemorrhage with surrounding edema"] * 12)
@@ -389,8 +389,8 @@ def test_rows_without_a_report_stream_and_collate_as_image_only(tmp_path, minilm
     from transformers import AutoTokenizer
 
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data import ContrastiveCollator, PreprocessedStream, write_phantom_dataset
-    from voxlm.training.data.hub_format import encode_array, write_dataset
+    from voxlm.data import ContrastiveCollator, PreprocessedStream, write_phantom_dataset
+    from voxlm.data.hub_format import encode_array, write_dataset
     from voxlm.training.train_clip import ClipDataSettings, clip_rows
 
     volume = encode_array((torch.rand(8, 16, 16) * 80).numpy())
@@ -415,8 +415,8 @@ def test_rows_without_a_report_stream_and_collate_as_image_only(tmp_path, minilm
 
 def every_term_overrides(tmp_path, text_dir) -> dict:
     """pretrain-clip settings with every extra term on, on 8 phantoms, every second one without its report."""
-    from voxlm.training.data import generate_case, write_dataset
-    from voxlm.training.data.phantom_dataset import case_rows
+    from voxlm.data import generate_case, write_dataset
+    from voxlm.data.phantom_dataset import case_rows
 
     rows = [case_rows(generate_case(seed, shape=(8, 16, 16)), "train")[0] for seed in range(8)]  # the report rows
     for row in rows[1::2]:
@@ -449,7 +449,7 @@ def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_t
     from voxlm.training import train_clip
     from voxlm.training.loop import load_settings
 
-    from voxlm.training.data import write_phantom_dataset
+    from voxlm.data import write_phantom_dataset
 
     # COLIPRI's setting: paired rows (here half of them without a report) mixed with an image-only dataset.
     write_phantom_dataset(tmp_path / "images", 8, shape=(8, 16, 16), seed=100, test_fraction=0.0)

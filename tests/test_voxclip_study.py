@@ -87,7 +87,7 @@ def test_masked_volume_terms_refuse_studies():
 
 @pytest.fixture(scope="module")
 def study_rows():
-    from voxlm.training.data.studies import generate_study
+    from voxlm.data.phantom_studies import generate_study
 
     return [generate_study(seed, shape=(8, 32, 32)) for seed in range(8)]
 
@@ -96,8 +96,8 @@ def test_collator_batches_sampled_studies_with_their_shuffled_reports(study_rows
     from transformers import AutoTokenizer
 
     from voxlm.processing import VoxVolumeProcessor
-    from voxlm.training.data import ContrastiveCollator
-    from voxlm.training.data.studies import StudyCollator, StudySampling
+    from voxlm.data import ContrastiveCollator
+    from voxlm.data.study_sampling import StudyCollator, StudySampling
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     studies = StudyCollator(VoxVolumeProcessor(image_size=(8, 16, 16)), StudySampling(max_series=3), seed=0)
@@ -139,7 +139,7 @@ def test_pretrain_clip_on_studies_saves_a_study_model_that_loads(study_rows, tmp
     from transformers import AutoModel
 
     from voxlm.training import train_clip
-    from voxlm.training.data.studies import write_study_dataset
+    from voxlm.data.hub_format import write_study_dataset
     from voxlm.training.loop import load_settings
 
     rows = [{**row, "split": "train"} for row in study_rows]

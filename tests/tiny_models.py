@@ -82,7 +82,7 @@ def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
     import torch
 
     from voxlm.training.assemble import ModelSettings, build_voxlm
-    from voxlm.training.data import generate_case
+    from voxlm.data import generate_case
 
     model, processor = build_voxlm(ModelSettings(
         llm="tiny-llama", image_size=DEMO_IMAGE_SIZE, vision_config={**DEMO_VISION, "max_scans": DEMO_MAX_STUDY_SCANS},

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import resume, save_checkpoint
-from .data.output_folders import replace_or_refuse
+from voxlm.data.output_folders import replace_or_refuse
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from datasets import interleave_datasets
 
 from voxlm.modeling.losses import label_positions
 from voxlm.training.assemble import ModelSettings, build_voxlm
-from voxlm.training.data import InstructionCollator, PreprocessedStream, stream_rows
+from voxlm.data import InstructionCollator, PreprocessedStream, stream_rows
 from voxlm.training.loop import (
     RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
 )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from voxlm.training import train_clip
-from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows, write_phantom_dataset
+from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows, write_phantom_dataset
 from voxlm.training.loop import load_settings, parse_overrides
 
 logger = logging.getLogger(__name__)

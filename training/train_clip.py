@@ -26,8 +26,8 @@ from transformers import AutoTokenizer
 from voxlm.model_cards import voxclip_card_for_run
 from voxlm.modeling import VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
-from voxlm.training.data import ContrastiveCollator, PreprocessedStream, stream_rows
-from voxlm.training.data.studies import StudyCollator, StudySampling
+from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows
+from voxlm.data.study_sampling import StudyCollator, StudySampling
 from voxlm.training.loop import (
     RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
     save_final,
@@ -81,7 +81,7 @@ class ClipDataSettings:
 
     Args:
         path (`str`), split (`str`): the paired data; rows whose report is empty count as image-only.
-        config (`str`): `"cap"` (one volume per report) or `"study"` (whole studies, `voxlm.training.data.studies`:
+        config (`str`): `"cap"` (one volume per report) or `"study"` (whole studies, `voxlm.data.study_sampling`:
             the model's `vision_config` needs `max_scans >= max_series`).
         max_series (`int`): with `config="study"`, the most series per study and step.
         random_series (`bool`): with `config="study"`, HLIP's sampling: a random number (1 .. `max_series`) of

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from voxlm.training.data import generate_case
+from voxlm.data import generate_case
 
 HERE = Path(__file__).parent
 CASES = {"phantom_epidural_right.nii.gz": 900009, "phantom_fracture_left.nii.gz": 900003}

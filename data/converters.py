@@ -225,5 +225,5 @@ def convert_cq500(reads_csv: str | Path, images_root: str | Path, test_fraction:
 
 def write_converted(rows: list[dict], out_dir: str | Path, source: str, overwrite: bool = False) -> Path:
     """Write converted rows as a voxlm dataset with a card naming the source (`overwrite`: as in `write_dataset`)."""
-    description = f"# {source} in voxlm's format\n\nConverted by `voxlm.training.data.converters`; splits by patient."
+    description = f"# {source} in voxlm's format\n\nConverted by `voxlm.data.converters`; splits by patient."
     return write_dataset(rows, out_dir, description, overwrite=overwrite)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from voxlm.training import finetune, pretrain_projector, train_clip
 from voxlm.training.assemble import ModelSettings
-from voxlm.training.data import write_phantom_dataset
+from voxlm.data import write_phantom_dataset
 from voxlm.training.loop import RunSettings
 from voxlm.training.mllm import InstructionDataSettings, MLLMSettings
 from voxlm.training.trainable import LoraSettings

@@ -1,4 +1,5 @@
-"""The Hub dataset format: Parquet shards, one row per sample, five configs, and a dataset card that names them.
+"""The Hub dataset format: Parquet shards, one row per sample, five configs (and `study`, one row per study), and a
+dataset card that names them.
 
 `datasets.load_dataset(folder_or_repo_id, "vqa", split="train", streaming=True)` reads it the same way from a local
 folder and from a Hub repo. Volumes and masks are stored as `.npy` bytes (read back without unpickling) or `.nii.gz`.
@@ -49,6 +50,29 @@ SCHEMA = pa.schema([
     ("split", pa.string()),
 ])
 
+# The `study` config: one row per study, its series a list (`voxlm.data.phantom_studies` makes such rows).
+SERIES_SCHEMA = pa.struct([
+    ("image", pa.binary()),
+    ("modality", pa.string()),
+    ("description", pa.string()),
+    ("window", pa.string()),
+    ("spacing", pa.list_(pa.float32())),
+])
+STUDY_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("patient_id", pa.string()),
+    ("study_id", pa.string()),
+    ("series", pa.list_(SERIES_SCHEMA)),
+    ("report", pa.string()),
+    ("label", pa.string()),
+    ("finding_series", pa.list_(pa.int32())),
+    ("split", pa.string()),
+])
+
+
+class StudyError(ValueError):
+    """A study row or a study sampling setting cannot be used; the message names the study and the field."""
+
 
 def encode_array(array: np.ndarray) -> bytes:
     """An array as `.npy` bytes."""
@@ -92,15 +116,16 @@ def config_of(question_type: str) -> str:
     raise ValueError(f"Unknown question_type {question_type!r}; known: {sorted(t for ts in CONFIGS.values() for t in ts)}")
 
 
-def write_shards(rows: list[dict], folder: Path, split: str, rows_per_shard: int) -> list[str]:
-    """Write rows as Parquet shards `<split>-0000i-of-0000n.parquet` (zstd) and return their relative names."""
+def write_shards(rows: list[dict], folder: Path, split: str, rows_per_shard: int, schema: pa.Schema = SCHEMA
+                 ) -> list[str]:
+    """Write rows of `schema` as Parquet shards `<split>-0000i-of-0000n.parquet` (zstd) and return their names."""
     folder.mkdir(parents=True, exist_ok=True)
     count = max(1, math.ceil(len(rows) / rows_per_shard))
     names = []
     for index in range(count):
         chunk = rows[index * rows_per_shard : (index + 1) * rows_per_shard]
         name = f"{split}-{index:05d}-of-{count:05d}.parquet"
-        table = pa.Table.from_pylist([{key: row.get(key) for key in SCHEMA.names} for row in chunk], schema=SCHEMA)
+        table = pa.Table.from_pylist([{key: row.get(key) for key in schema.names} for row in chunk], schema=schema)
         pq.write_table(table, folder / name, compression="zstd")
         names.append(name)
     return names
@@ -156,3 +181,26 @@ def push_dataset(folder: str | Path, repo_id: str, private: bool = True) -> str:
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def write_study_dataset(rows: list[dict], out_dir: str | Path, description: str, rows_per_shard: int = 50) -> Path:
+    """Write study rows as the `study` config of a Hub dataset folder (Parquet shards per split + card).
+
+    Args:
+        rows (`list[dict]`): rows of `STUDY_SCHEMA`, each with a `split`.
+        out_dir (`str` or `Path`): the dataset folder (created).
+        description (`str`): the dataset card's body.
+        rows_per_shard (`int`, defaults to 50): studies per Parquet file (a study holds several volumes).
+    """
+    unknown = {row["split"] for row in rows} - set(SPLITS)
+    if unknown:
+        raise StudyError(f"study rows with unknown splits {sorted(unknown)}; use one of {SPLITS}")
+    out_dir = Path(out_dir)
+    splits = []
+    for split in SPLITS:
+        split_rows = [row for row in rows if row["split"] == split]
+        if split_rows:
+            write_shards(split_rows, out_dir / "data" / "study", split, rows_per_shard, STUDY_SCHEMA)
+            splits.append(split)
+    (out_dir / "README.md").write_text(dataset_card({"study": splits}, description))
+    return out_dir
