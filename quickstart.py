@@ -14,20 +14,15 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from voxlm.training import finetune, pretrain_projector, train_clip
-from voxlm.training.assemble import ModelSettings
 from voxlm.data import write_phantom_dataset
-from voxlm.training.loop import RunSettings
-from voxlm.training.mllm import InstructionDataSettings, MLLMSettings
-from voxlm.training.trainable import LoraSettings
+from voxlm.training import finetune, pretrain_projector, train_clip
+from voxlm.training.mllm import MLLMSettings
+from voxlm.training.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
-# Max pooling of the patch tokens: with CLS (M3D-CLIP's choice) or mean pooling this small ViT does not learn from
-# phantoms within a CPU budget (the finding sits in one or two of 64 patches); with max pooling it detects hemorrhage
-# at 0.94 held-out accuracy after 220 steps (benchmarks/RESULTS.md, "Why the encoder did not learn").
-VISION = {"patch_size": [4, 16, 16], "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 3,
-          "num_attention_heads": 4, "pooling": "max"}
+# The stages' settings are the shipped phantom configs; the quickstart sets only folders, lengths, seed and LLM.
+CONFIGS = Path(__file__).resolve().parent / "training" / "configs"
 
 # The held-out samples are drawn across every test patient (stored order would give a dozen patients' questions).
 EVAL_SHUFFLE_BUFFER = 4096
@@ -40,12 +35,12 @@ class QuickstartSettings:
     Args:
         output_dir (`str`): everything goes here; the final model in `<output_dir>/model`.
         num_cases (`int`): phantom patients (a quarter held out for testing).
-        phantom_shape (`list[int]`), image_size (`list[int]`): stored and model volume sizes `(D, H, W)`.
+        phantom_shape (`list[int]`): the stored volume size `(D, H, W)`.
         llm (`str`): `"tiny-llama"`, `"smollm2"` (packaged, offline) or any causal LM folder / Hub id.
-        clip_steps (`int`), align_steps (`int`), finetune_steps (`int`): the stages' lengths.
-        clip_batch_size (`int`): pre-training batch (contrastive learning needs many negatives per batch).
-        batch_size (`int`): the batch of the MLLM stages.
-        finetune_tasks (`dict[str, float]`): the fine-tuning task mix (dataset configs and their probabilities).
+        clip_steps (`int`, *optional*), align_steps (`int`, *optional*), finetune_steps (`int`, *optional*): the
+            stages' lengths; `None`: their config's `run.max_steps` (`training/configs/*_phantoms.yaml`).
+        finetune_tasks (`dict[str, float]`, *optional*): the fine-tuning task mix (dataset configs and their
+            probabilities); `None`: `finetune_phantoms.yaml`'s.
         eval_samples (`int`): held-out samples for segmentation (half this many) and retrieval (a pool of this many
             pairs).
         closed_vqa_samples (`int`, *optional*): held-out closed questions to score; `None`: every one of the test
@@ -57,26 +52,25 @@ class QuickstartSettings:
     output_dir: str = "voxlm-quickstart"
     num_cases: int = 400
     phantom_shape: list[int] = field(default_factory=lambda: [32, 64, 64])
-    image_size: list[int] = field(default_factory=lambda: [16, 64, 64])
     llm: str = "tiny-llama"
-    clip_steps: int = 300
-    align_steps: int = 60
-    # The four-choice questions need the most steps: the tiny Llama starts to point from an option's text to its
-    # letter between 3,000 and 4,500 steps (benchmarks/RESULTS.md, the quickstart).
-    finetune_steps: int = 4500
-    clip_batch_size: int = 32
-    batch_size: int = 8
-    finetune_tasks: dict = field(default_factory=lambda: {"vqa": 0.75, "seg": 0.2, "pos": 0.05})
+    clip_steps: int | None = None
+    align_steps: int | None = None
+    finetune_steps: int | None = None
+    finetune_tasks: dict | None = None
     eval_samples: int = 100
     closed_vqa_samples: int | None = None
     seed: int = 0
     overwrite: bool = False
 
 
-def run(settings: QuickstartSettings, stage_settings: dict, name: str) -> RunSettings:
-    return RunSettings(output_dir=str(Path(settings.output_dir) / name), seed=settings.seed, tracker="tensorboard",
-                       checkpoint_every=250, overwrite=settings.overwrite,
-                       **{"batch_size": settings.batch_size, **stage_settings})
+def stage_settings(cls, stage: str, settings: QuickstartSettings, data: Path, max_steps: int | None,
+                   overrides: dict):
+    """A stage's settings: its `<stage>_phantoms.yaml` with the quickstart's data, folder, seed and length."""
+    values = {"data.path": str(data), "run.output_dir": str(Path(settings.output_dir) / stage),
+              "run.seed": settings.seed, "run.overwrite": settings.overwrite, **overrides}
+    if max_steps is not None:
+        values["run.max_steps"] = max_steps
+    return load_settings(cls, CONFIGS / f"{stage}_phantoms.yaml", values)
 
 
 def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_samples: int,
@@ -124,38 +118,25 @@ def run_quickstart(settings: QuickstartSettings) -> list[dict]:
     data = write_phantom_dataset(out / "data", settings.num_cases, shape=tuple(settings.phantom_shape),
                                  seed=settings.seed, test_fraction=0.25, rows_per_shard=256,
                                  overwrite=settings.overwrite)
-    logger.info("2/5 Pre-training VoxCLIP (%d steps)", settings.clip_steps)
-    # The packaged MiniLM stays locked (only its projection trains): the encoder learns to meet a fixed text space
-    # with no backward pass through the text tower, which is what fits pre-training in the CPU budget.
-    clip_dir = train_clip.train(train_clip.ClipSettings(
-        model=train_clip.ClipModelSettings(image_size=settings.image_size, vision_config=VISION, projection_dim=128,
-                                           text_trainable_layers=0),
-        data=train_clip.ClipDataSettings(path=str(data)),
-        run=run(settings, {"max_steps": settings.clip_steps, "batch_size": settings.clip_batch_size,
-                           "learning_rate": 3e-4, "warmup_steps": 10}, "clip"),
-    ))
-    # The volume embedding that VoxCLIP aligned with reports goes to the LLM as one more image token: a tiny LLM
-    # trained from scratch reads a finding from it within the budget, not from the patch tokens alone.
-    model_settings = ModelSettings(llm=settings.llm, vision=str(clip_dir), image_size=settings.image_size,
-                                   pooling_size=[1, 2, 2], pooled_image_token=True)
-    logger.info("3/5 Aligning the projector (%d steps)", settings.align_steps)
-    aligned = pretrain_projector.train(MLLMSettings(
-        model=model_settings, data=InstructionDataSettings(path=str(data)),
-        run=run(settings, {"max_steps": settings.align_steps, "learning_rate": 1e-3, "find_unused_parameters": True},
-                "align"),
-    ))
-    # A random tiny Llama has no pre-training to protect and cannot learn language through LoRA (its embeddings and
-    # output head stay frozen and random), so it trains fully; a real LLM gets LoRA r=16 as in seed 002. The encoder
-    # keeps what pre-training taught it.
+    clip_settings = stage_settings(train_clip.ClipSettings, "clip", settings, data, settings.clip_steps, {})
+    logger.info("2/5 Pre-training VoxCLIP (%d steps)", clip_settings.run.max_steps)
+    clip_dir = train_clip.train(clip_settings)
+    align_settings = stage_settings(MLLMSettings, "align", settings, data, settings.align_steps,
+                                    {"pretrained.llm": settings.llm, "pretrained.vision": str(clip_dir)})
+    logger.info("3/5 Aligning the projector (%d steps)", align_settings.run.max_steps)
+    aligned = pretrain_projector.train(align_settings)
+    # finetune_phantoms.yaml trains the random tiny Llama fully (it has no pre-training to protect and cannot learn
+    # language through LoRA); a real LLM gets LoRA r=16 as in seed 002. The encoder keeps what pre-training taught it.
     full_llm = settings.llm == "tiny-llama"
+    overrides = {"init_from": str(aligned)}
+    if not full_llm:
+        overrides.update({"lora.enabled": True, "run.learning_rate": 5e-4})
+    if settings.finetune_tasks is not None:
+        overrides["data.tasks"] = settings.finetune_tasks
+    finetune_settings = stage_settings(MLLMSettings, "finetune", settings, data, settings.finetune_steps, overrides)
     logger.info("4/5 Fine-tuning (%s) with segmentation (%d steps)", "full LLM" if full_llm else "LoRA",
-                settings.finetune_steps)
-    tuned = finetune.train(MLLMSettings(
-        init_from=str(aligned), lora=LoraSettings(enabled=not full_llm),
-        data=InstructionDataSettings(path=str(data), tasks=settings.finetune_tasks),
-        run=run(settings, {"max_steps": settings.finetune_steps, "learning_rate": 2e-3 if full_llm else 5e-4,
-                           "find_unused_parameters": True}, "finetune"),
-    ))
+                finetune_settings.run.max_steps)
+    tuned = finetune.train(finetune_settings)
     model_dir = tuned / "model"
     logger.info("5/5 Evaluating on held-out patients")
     results, closed_vqa = evaluate_quickstart(data, clip_dir, model_dir, settings.eval_samples,
@@ -168,7 +149,8 @@ def run_quickstart(settings: QuickstartSettings) -> list[dict]:
         stages="pretrain-clip -> align -> finetune (" + ("LLM trained fully" if full_llm else "LoRA r=16, alpha=32")
         + ", encoder frozen)",
         limits="Trained on synthetic phantoms only: it has never seen a real CT.",
-        preprocessing=f"brain window (0-80 HU), foreground crop, resize to {settings.image_size}",
+        preprocessing=f"brain window (0-80 HU), foreground crop, resize to "
+        f"{clip_settings.model['vision_config']['image_size']}",
         memory="Runs on a CPU; a few hundred MB of RAM.", repo_or_path=str(model_dir),
     )
     card.save(model_dir / "README.md")
@@ -193,9 +175,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-dir", default=defaults.output_dir, help="where results go")
     parser.add_argument("--llm", default=defaults.llm, help="tiny-llama (default), smollm2, or a causal LM id")
     parser.add_argument("--num-cases", type=int, default=defaults.num_cases, help="phantom patients")
-    parser.add_argument("--clip-steps", type=int, default=defaults.clip_steps)
-    parser.add_argument("--align-steps", type=int, default=defaults.align_steps)
-    parser.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps)
+    parser.add_argument("--clip-steps", type=int, help="default: training/configs/clip_phantoms.yaml's")
+    parser.add_argument("--align-steps", type=int, help="default: training/configs/align_phantoms.yaml's")
+    parser.add_argument("--finetune-steps", type=int, help="default: training/configs/finetune_phantoms.yaml's")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
                         help="held-out samples for segmentation (half) and retrieval (the pool)")
     parser.add_argument("--closed-vqa-samples", type=int, default=defaults.closed_vqa_samples,

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import common
-from voxlm.training.assemble import ModelSettings, build_voxlm
+from voxlm.training.assemble import PretrainedParts, build_voxlm
 
 QUESTION = "Describe the findings of this head CT."
 
@@ -29,12 +29,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args(argv)
     device = common.resolve_device(args.device)
-    model, processor = build_voxlm(ModelSettings(
+    model, processor = build_voxlm(PretrainedParts(llm="smollm2"), dict(
         # A small encoder keeps the uncached run short on a CPU: without a cache the encoder runs again at every
         # step, so with the ViT-B encoder the cache's advantage is larger still.
-        llm="smollm2", image_size=[32, 256, 256], seg=False,
-        vision_config=dict(patch_size=[4, 16, 16], hidden_size=192, intermediate_size=768, num_hidden_layers=4,
-                           num_attention_heads=4),
+        vision_config=dict(image_size=[32, 256, 256], patch_size=[4, 16, 16], hidden_size=192, intermediate_size=768,
+                           num_hidden_layers=4, num_attention_heads=4),
     ))
     model.to(device).eval()
     volume = torch.rand(32, 256, 256) * 80

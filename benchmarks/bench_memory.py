@@ -34,10 +34,10 @@ def build(compute: str, frozen: str, checkpointing: bool, device: str):
     """The LoRA-wrapped paper-size VoxLM, its optimizer and one training batch."""
     import torch
 
-    from voxlm.training.assemble import ModelSettings, build_voxlm
+    from voxlm.training.assemble import PretrainedParts, build_voxlm
     from voxlm.training.trainable import LoraSettings, apply_lora
 
-    model, _ = build_voxlm(ModelSettings(llm="smollm2", seg=True, seg_config={}))
+    model, _ = build_voxlm(PretrainedParts(llm="smollm2"), {"seg_config": {}})
     config = model.config
     model = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, train_vision=True,
                                            frozen_dtype=None if frozen == "fp32" else frozen))

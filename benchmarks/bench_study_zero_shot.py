@@ -79,11 +79,11 @@ def build_model(seed: int):
     """The VoxCLIP and its tokenizer, built by `pretrain-clip`'s own `build_clip` (MiniLM locked), seeded."""
     import torch
 
-    from voxlm.training.train_clip import ClipModelSettings, build_clip
+    from voxlm.training.train_clip import ClipPretrainedParts, build_clip
 
     torch.manual_seed(seed)
-    model, _, tokenizer = build_clip(ClipModelSettings(image_size=list(IMAGE_SIZE), vision_config=VISION,
-                                                       projection_dim=128, text_trainable_layers=0))
+    model, _, tokenizer = build_clip(ClipPretrainedParts(text_trainable_layers=0), dict(
+        vision_config={**VISION, "image_size": list(IMAGE_SIZE)}, projection_dim=128, text_pooling="mean"))
     return model, tokenizer
 
 

@@ -28,7 +28,7 @@ VISION = {"patch_size": [4, 16, 16], "hidden_size": 192, "intermediate_size": 38
 IMAGE_SIZE = (16, 64, 64)
 PHANTOM_SHAPE = (32, 64, 64)
 TEST_FRACTION = 0.25
-# variant -> the `ClipModelSettings` loss weight it switches on (the contrastive loss is always on)
+# variant -> the `VoxCLIPConfig` loss weight it switches on (the contrastive loss is always on)
 VARIANTS = {
     "contrastive": None,
     "inter_patient": "inter_patient_loss_weight",
@@ -66,13 +66,14 @@ def held_out_labelled(num_cases: int):
 
 def train_variant(variant: str, data: Path, image_only: Path, out: Path, args) -> tuple[Path, float]:
     from voxlm.training import train_clip
-    from voxlm.training.loop import RunSettings
+    from voxlm.training.settings import RunSettings
 
     weights = {VARIANTS[variant]: 1.0} if VARIANTS[variant] else {}
     start = time.perf_counter()
     folder = train_clip.train(train_clip.ClipSettings(
-        model=train_clip.ClipModelSettings(image_size=list(IMAGE_SIZE), vision_config=VISION, projection_dim=128,
-                                           text_trainable_layers=0, **weights),
+        pretrained=train_clip.ClipPretrainedParts(text_trainable_layers=0),
+        model=dict(vision_config={**VISION, "image_size": list(IMAGE_SIZE)}, projection_dim=128, text_pooling="mean",
+                   **weights),
         data=train_clip.ClipDataSettings(path=str(data), image_only_path=str(image_only) if variant == "mim" else ""),
         run=RunSettings(output_dir=str(out / variant), max_steps=args.steps, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, warmup_steps=10, tracker=None, seed=0),

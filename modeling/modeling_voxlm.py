@@ -664,13 +664,9 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         text_model,
         token_ids: dict[str, int],
         vocab_size: int,
-        seg_config=None,
-        projector_type: str = "spp",
-        pooling_size=2,
         vision_config: VoxViTConfig | None = None,
         text_kwargs: dict | None = None,
-        max_study_scans: int = 1,
-        pooled_image_token: bool = False,
+        **config_kwargs,
     ) -> "VoxLMForConditionalGeneration":
         """Assemble a VoxLM from a pretrained encoder and a pretrained causal LM (local folders, Hub ids or models).
 
@@ -684,13 +680,10 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             token_ids (`dict[str, int]`): `image_token_id`, `seg_token_id`, `box_start_token_id`, `box_end_token_id`
                 (and optionally `pad_token_id`), as `voxlm.processing.add_voxlm_tokens` returns them.
             vocab_size (`int`): the tokenizer's length after the tokens were added.
-            seg_config (`VoxSegConfig` or `dict`, *optional*): builds the segmentation head.
-            projector_type (`str`, defaults to `"spp"`), pooling_size (`int`, defaults to 2): the projector.
             vision_config (`VoxViTConfig`, *optional*): used when `vision_model` is `None`.
             text_kwargs (`dict`, *optional*): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `gguf_file`).
-            max_study_scans (`int`, defaults to 1): most scans of a study per prompt (`VoxLMConfig.max_study_scans`).
-            pooled_image_token (`bool`, defaults to `False`): also show the LLM the volume embedding
-                (`VoxLMConfig.pooled_image_token`).
+            config_kwargs: the other `VoxLMConfig` fields (`seg_config`, `projector_type`, `pooling_size`,
+                `max_study_scans`, `pooled_image_token`, ...).
         """
         if isinstance(vision_model, str):
             vision_model = VoxViTModel.from_pretrained(vision_model)
@@ -702,11 +695,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         config = VoxLMConfig(
             vision_config=vision_model.config,
             text_config=text_model.config,
-            seg_config=seg_config,
-            projector_type=projector_type,
-            pooling_size=pooling_size,
-            max_study_scans=max_study_scans,
-            pooled_image_token=pooled_image_token,
+            **config_kwargs,
             **{key: value for key, value in token_ids.items() if key != "pad_token_id"},
             pad_token_id=token_ids.get("pad_token_id"),
         )

@@ -160,7 +160,8 @@ def test_hlip_flop_count_and_verdict(bench):
 
 def test_speed_settings_checkpoint_and_compile_in_place(monkeypatch):
     from voxlm.modeling import VoxViTModel
-    from voxlm.training.loop import RunSettings, apply_speed_settings
+    from voxlm.training.loop import apply_speed_settings
+    from voxlm.training.settings import RunSettings
 
     model = VoxViTModel(tiny_vision_config())
     compiled = []
@@ -196,7 +197,8 @@ def test_frozen_weights_in_bf16_train_under_autocast():
 def test_compile_trains_on_cpu(tmp_path):
     """`run.compile` with the real inductor backend (about a minute of compilation on a CPU)."""
     from voxlm.modeling import VoxViTModel
-    from voxlm.training.loop import RunSettings, run_training
+    from voxlm.training.loop import run_training
+    from voxlm.training.settings import RunSettings
 
     model = VoxViTModel(tiny_vision_config())
     batches = [{"pixel_values": torch.rand(2, 1, 8, 16, 16)} for _ in range(3)]

@@ -15,7 +15,7 @@ from test_mllm_training import TINY_MODEL, settings
 from voxlm.cli import main
 from voxlm.training import finetune, pretrain_projector
 from voxlm.training.checkpoints import CheckpointError
-from voxlm.training.loop import RunSettings, check_run_settings
+from voxlm.training.settings import RunSettings, check_run_settings
 from voxlm.data import encode_array, write_dataset, write_phantom_dataset
 from voxlm.data.phantom_dataset import case_rows
 from voxlm.data.phantoms import generate_case

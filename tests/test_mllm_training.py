@@ -13,23 +13,22 @@ from transformers import AutoModel, AutoProcessor
 
 import voxlm  # noqa: F401
 from voxlm.training import finetune, pretrain_projector
-from voxlm.training.assemble import ModelSettings, build_voxlm
+from voxlm.training.assemble import PretrainedParts, build_voxlm
 from voxlm.data import write_phantom_dataset
-from voxlm.training.loop import parse_overrides
+from voxlm.training.settings import parse_overrides
 from voxlm.training.mllm import MLLMSettings, lm_train_step
 from voxlm.training.trainable import LoraSettings, apply_lora
 
 TINY_MODEL = [
-    "model.llm=tiny-llama",
-    "model.image_size=[8,32,32]",
-    "model.vision_config={patch_size: [2,8,8], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+    "pretrained.llm=tiny-llama",
+    "model.vision_config={image_size: [8,32,32], patch_size: [2,8,8], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
     "num_attention_heads: 4}",
     "model.seg_config={hidden_size: 32, num_attention_heads: 4, intermediate_size: 64}",
 ]
 
 
 def settings(pairs) -> MLLMSettings:
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
 
     return load_settings(MLLMSettings, None, parse_overrides(pairs))
 
@@ -47,7 +46,8 @@ def stages(tmp_path_factory):
 
 def test_align_changes_only_the_projector_and_new_tokens(stages):
     root, aligned, _ = stages
-    before, _ = build_voxlm(settings([*TINY_MODEL]).model, seed=0)
+    tiny = settings([*TINY_MODEL])
+    before, _ = build_voxlm(tiny.pretrained, tiny.model, seed=0)
     after = AutoModel.from_pretrained(aligned)
     changed = {name for name, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[name])}
     # The tiny Llama ties its output head to the input embeddings, so both names show the same rows.
@@ -159,10 +159,9 @@ def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path):
 
 
 def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():
-    model, processor = build_voxlm(ModelSettings(
-        llm="smollm2", image_size=[8, 32, 32], seg=False,
-        vision_config=dict(patch_size=[2, 8, 8], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4),
+    model, processor = build_voxlm(PretrainedParts(llm="smollm2"), dict(
+        vision_config=dict(image_size=[8, 32, 32], patch_size=[2, 8, 8], hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4),
     ))
     assert model.config.text_config.model_type == "llama" and model.config.text_config.hidden_size == 576
     model = apply_lora(model, LoraSettings(r=4, alpha=8))
@@ -181,8 +180,9 @@ def test_smollm2_offline_in_a_voxlm_trains_with_lora_and_generates():
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_tiny_llama_config_resizes_the_random_llm_and_is_refused_for_other_backends():
-    model, _ = build_voxlm(settings([*TINY_MODEL, "model.tiny_llama_config={hidden_size: 32, num_hidden_layers: 1}"]).model)
+def test_text_config_resizes_the_random_llm_and_is_refused_for_other_backends():
+    sized = settings([*TINY_MODEL, "model.text_config={hidden_size: 32, num_hidden_layers: 1}"])
+    model, _ = build_voxlm(sized.pretrained, sized.model)
     assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 1
-    with pytest.raises(ValueError, match="tiny_llama_config sizes the random tiny-llama only.*'smollm2'"):
-        build_voxlm(ModelSettings(llm="smollm2", tiny_llama_config={"hidden_size": 32}))
+    with pytest.raises(ValueError, match="model.text_config is set by pretrained.llm='smollm2'.*tiny-llama only"):
+        build_voxlm(PretrainedParts(llm="smollm2"), {"text_config": {"hidden_size": 32}})

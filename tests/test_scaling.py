@@ -39,14 +39,13 @@ def test_grid_fits_each_axis_with_enough_points():
 
 def test_two_by_two_grid_end_to_end(tmp_path, tiny_text_encoder_dir):
     from voxlm.training import train_clip
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
     from voxlm.training.scaling import ScalingSettings, run_scaling
 
     clip = load_settings(train_clip.ClipSettings, None, {
-        "model.image_size": "[8,16,16]",
-        "model.vision_config": "{patch_size: [2,4,4], num_hidden_layers: 1}",
+        "model.vision_config": "{image_size: [8,16,16], patch_size: [2,4,4], num_hidden_layers: 1}",
         "model.projection_dim": "16",
-        "model.text": str(tiny_text_encoder_dir),
+        "pretrained.text": str(tiny_text_encoder_dir),
         "data.shuffle_buffer": "0",
         "run.max_steps": "2", "run.batch_size": "4", "run.tracker": "null",
     })

@@ -103,11 +103,10 @@ def test_text_encoder_that_cannot_load_offline_says_how_to_fix_it():
 
 
 TRAIN_ARGS = [
-    "model.image_size=[8,16,16]",
-    "model.vision_config={patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+    "model.vision_config={image_size: [8,16,16], patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
     "num_attention_heads: 4}",
     "model.projection_dim=16",
-    "model.text_dropout=0.0",
+    "pretrained.text_dropout=0.0",
     "data.shuffle_buffer=0",
     "run.tracker=null",
     "run.learning_rate=1e-3",

@@ -423,14 +423,13 @@ def every_term_overrides(tmp_path, text_dir) -> dict:
         row["report"] = None
     write_dataset(rows, tmp_path / "half-paired", "phantoms, half of them without reports")
     return {
-        "model.image_size": "[8,16,16]",
-        "model.vision_config": "{patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+        "model.vision_config": "{image_size: [8,16,16], patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
                                "num_attention_heads: 4}",
         "model.projection_dim": "16",
-        "model.text": str(text_dir),
-        "model.text_dropout": "0.0",
-        "model.clip_config": "{volume_decoder_hidden_size: 16, volume_decoder_heads: 2, "
-                             "volume_decoder_intermediate_size: 32}",
+        "pretrained.text": str(text_dir),
+        "pretrained.text_dropout": "0.0",
+        "model.volume_decoder_hidden_size": "16", "model.volume_decoder_heads": "2",
+        "model.volume_decoder_intermediate_size": "32",
         **{f"model.{name}": "1.0" for name in ("mvr_loss_weight", "mim_loss_weight", "mlm_loss_weight",
                                                "report_gen_loss_weight")},
         "data.path": str(tmp_path / "half-paired"), "data.shuffle_buffer": "0",
@@ -447,7 +446,7 @@ def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_t
     from transformers import AutoModel
 
     from voxlm.training import train_clip
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
 
     from voxlm.data import write_phantom_dataset
 
@@ -468,7 +467,7 @@ def test_pretrain_clip_runs_with_every_term_and_image_only_data(tmp_path, tiny_t
 
 def test_resumed_run_with_every_term_continues_the_same_loss_curve(tmp_path, tiny_text_encoder_dir):
     from voxlm.training import train_clip
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
 
     overrides = {**every_term_overrides(tmp_path, tiny_text_encoder_dir), "run.max_steps": "2",
                  "run.checkpoint_every": "1"}

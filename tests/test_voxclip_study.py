@@ -115,19 +115,19 @@ def test_collator_batches_sampled_studies_with_their_shuffled_reports(study_rows
 
 
 # Study-capable but with scan attention only (the masked-volume terms' condition on the encoder), and a tiny decoder.
-SCAN_ONLY_VISION = ("{patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+SCAN_ONLY_VISION = ("{image_size: [8,16,16], patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                     "num_attention_heads: 4, max_scans: 4}")
-TINY_DECODER = "{volume_decoder_hidden_size: 16, volume_decoder_heads: 2, volume_decoder_intermediate_size: 32}"
+TINY_DECODER = {"model.volume_decoder_hidden_size": "16", "model.volume_decoder_heads": "2",
+                "model.volume_decoder_intermediate_size": "32"}
 
 
 def study_overrides(data_dir, text_dir, output_dir) -> dict:
     return {
-        "model.image_size": "[8,16,16]",
-        "model.vision_config": "{patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+        "model.vision_config": "{image_size: [8,16,16], patch_size: [2,4,4], hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                                "num_attention_heads: 4, pooling: max, max_scans: 4, attention_levels: [scan, study]}",
         "model.projection_dim": "16",
-        "model.text": str(text_dir),
-        "model.text_dropout": "0.0",
+        "pretrained.text": str(text_dir),
+        "pretrained.text_dropout": "0.0",
         "data.path": str(data_dir), "data.config": "study", "data.max_series": "4", "data.shuffle_buffer": "0",
         "run.max_steps": "3", "run.batch_size": "4", "run.tracker": "null", "run.learning_rate": "1e-3",
         "run.output_dir": str(output_dir),
@@ -140,7 +140,7 @@ def test_pretrain_clip_on_studies_saves_a_study_model_that_loads(study_rows, tmp
 
     from voxlm.training import train_clip
     from voxlm.data.hub_format import write_study_dataset
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
 
     rows = [{**row, "split": "train"} for row in study_rows]
     write_study_dataset(rows, tmp_path / "studies", "tiny phantom studies", rows_per_shard=4)
@@ -154,7 +154,7 @@ def test_pretrain_clip_on_studies_saves_a_study_model_that_loads(study_rows, tmp
     assert loaded.config.vision_config.max_scans == 4
     # The scan-order embeddings train only on studies of more than one scan: the run fed it studies.
     set_seed(settings.run.seed)
-    untrained, _, _ = train_clip.build_clip(settings.model)
+    untrained, _, _ = train_clip.build_clip(settings.pretrained, settings.model)
     assert not torch.allclose(loaded.vision_model.scan_embeddings, untrained.vision_model.scan_embeddings)
     with torch.no_grad():
         features = loaded.get_image_features(torch.rand(2, 4, 1, 8, 16, 16),
@@ -167,18 +167,18 @@ def test_pretrain_clip_on_studies_saves_a_study_model_that_loads(study_rows, tmp
     [
         ({"data.config": "studies"}, "data.config must be"),
         ({"data.max_series": "5"}, r"data.max_series \(5\) must lie in \[1, model.vision_config.max_scans = 4\]"),
-        ({"model.mim_loss_weight": "1.0", "model.vision_config": SCAN_ONLY_VISION, "model.clip_config": TINY_DECODER},
+        ({"model.mim_loss_weight": "1.0", "model.vision_config": SCAN_ONLY_VISION, **TINY_DECODER},
          "mim_loss_weight reconstruct single volumes"),
         ({"data.image_only_path": "elsewhere"}, "data.image_only_path"),
     ],
 )
 def test_study_settings_that_cannot_work_name_the_field(overrides, message, tmp_path, tiny_text_encoder_dir):
     from voxlm.training import train_clip
-    from voxlm.training.loop import load_settings
+    from voxlm.training.settings import load_settings
 
     values = {**study_overrides(tmp_path, tiny_text_encoder_dir, tmp_path / "run"), **overrides}
     settings = load_settings(train_clip.ClipSettings, None, values)
-    model, _, _ = train_clip.build_clip(settings.model)
+    model, _, _ = train_clip.build_clip(settings.pretrained, settings.model)
     with pytest.raises(ValueError, match=message):
         train_clip.check_study_settings(settings, model)
 

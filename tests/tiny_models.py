@@ -81,11 +81,11 @@ def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
     Returns the phantom volumes `(D, H, W)` it was trained on."""
     import torch
 
-    from voxlm.training.assemble import ModelSettings, build_voxlm
+    from voxlm.training.assemble import PretrainedParts, build_voxlm
     from voxlm.data import generate_case
 
-    model, processor = build_voxlm(ModelSettings(
-        llm="tiny-llama", image_size=DEMO_IMAGE_SIZE, vision_config={**DEMO_VISION, "max_scans": DEMO_MAX_STUDY_SCANS},
+    model, processor = build_voxlm(PretrainedParts(llm="tiny-llama"), dict(
+        vision_config={**DEMO_VISION, "image_size": DEMO_IMAGE_SIZE, "max_scans": DEMO_MAX_STUDY_SCANS},
         seg_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
         max_study_scans=DEMO_MAX_STUDY_SCANS), seed=seed)
     for parameter in model.multi_modal_projector.parameters():

@@ -11,14 +11,12 @@ import torch
 from accelerate.utils import set_seed
 from datasets import interleave_datasets
 
-from voxlm.modeling.losses import label_positions
-from voxlm.training.assemble import ModelSettings, build_voxlm
 from voxlm.data import InstructionCollator, PreprocessedStream, stream_rows
-from voxlm.training.loop import (
-    RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
-)
+from voxlm.modeling.losses import label_positions
+from voxlm.training.assemble import PretrainedParts, build_voxlm
+from voxlm.training.loop import build_accelerator, epoch_loader, run_training
+from voxlm.training.settings import RunSettings, add_run_arguments, load_settings, overrides_from_args
 from voxlm.training.trainable import LoraSettings
-
 
 
 @dataclass
@@ -41,25 +39,32 @@ class InstructionDataSettings:
 
 @dataclass
 class MLLMSettings:
-    """A stage's settings: `init_from` (a saved VoxLM folder: the previous stage's output) or `model` to assemble one,
-    `lora` (fine-tuning only), `data` and `run`."""
+    """A stage's settings: `init_from` (a saved VoxLM folder: the previous stage's output) or the sections that
+    assemble one (`pretrained`: where the LLM and the encoder come from; `model`: `VoxLMConfig` keywords;
+    `processor`: `VoxVolumeProcessor` keywords; see `voxlm.training.assemble.build_voxlm`), `lora` (fine-tuning
+    only), `data` and `run`."""
 
     init_from: str | None = None
-    model: ModelSettings = field(default_factory=ModelSettings)
+    pretrained: PretrainedParts = field(default_factory=PretrainedParts)
+    model: dict = field(default_factory=dict)
+    processor: dict = field(default_factory=dict)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: InstructionDataSettings = field(default_factory=InstructionDataSettings)
     run: RunSettings = field(default_factory=lambda: RunSettings(find_unused_parameters=True))
 
 
 def load_model(settings: MLLMSettings):
-    """`(model, processor)`: loaded from `init_from`, or assembled from `settings.model`."""
+    """`(model, processor)`: loaded from `init_from`, or assembled from `pretrained`, `model` and `processor`."""
     if settings.init_from:
         from transformers import AutoModel, AutoProcessor
 
+        if settings.model or settings.processor or settings.pretrained != PretrainedParts():
+            raise ValueError(f"init_from={settings.init_from!r} loads a saved VoxLM, which the pretrained, model and "
+                             "processor sections would assemble anew: set init_from or those sections, not both")
         import voxlm  # noqa: F401  (registers the Auto classes)
 
         return AutoModel.from_pretrained(settings.init_from), AutoProcessor.from_pretrained(settings.init_from)
-    return build_voxlm(settings.model, seed=settings.run.seed)
+    return build_voxlm(settings.pretrained, settings.model, settings.processor, seed=settings.run.seed)
 
 
 def mixed_rows(data: InstructionDataSettings, rank: int, world_size: int, seed: int):
@@ -116,7 +121,8 @@ def add_stage_parser(subparsers, name: str, help_text: str, example: str, run) -
     """The command of a stage: `--config FILE`, `--resume` and `section.key=value` overrides."""
     parser = subparsers.add_parser(name, help=help_text, description=f"{help_text}.\nExample: {example}",
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="YAML settings (sections init_from, model, lora, data, run)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML settings (sections init_from, pretrained, model, processor, lora, data, run)")
     add_run_arguments(parser)
     parser.set_defaults(func=lambda args: run(settings_from_args(args)))
 

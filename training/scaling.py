@@ -23,7 +23,7 @@ import torch
 
 from voxlm.training import train_clip
 from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows, write_phantom_dataset
-from voxlm.training.loop import load_settings, parse_overrides
+from voxlm.training.settings import load_settings, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +97,12 @@ def cell_settings(settings: ScalingSettings, data_size: int, width: int, data_pa
     if width % settings.head_dim:
         raise ValueError(f"width {width} in `widths` is not a multiple of `head_dim` {settings.head_dim}")
     base = settings.clip
-    vision = dict(base.model.vision_config, hidden_size=width, intermediate_size=settings.mlp_ratio * width,
+    vision = dict(base.model.get("vision_config", {}), hidden_size=width, intermediate_size=settings.mlp_ratio * width,
                   num_attention_heads=width // settings.head_dim)
     output_dir = Path(settings.output_dir) / "runs" / f"n{data_size}-w{width}"
     return dataclasses.replace(
         base,
-        model=dataclasses.replace(base.model, vision_config=vision),
+        model={**base.model, "vision_config": vision},
         data=dataclasses.replace(base.data, path=data_path, max_samples=data_size),
         run=dataclasses.replace(base.run, output_dir=str(output_dir)),
     )

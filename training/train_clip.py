@@ -6,7 +6,7 @@ image-only volumes mixed in from a second dataset) as options; every extra term 
 
     voxlm train pretrain-clip --config training/configs/clip_phantoms.yaml run.max_steps=200
     voxlm train pretrain-clip --config training/configs/clip_phantoms.yaml data.config=study data.max_series=4 \
-        "model.vision_config={..., max_scans: 4, attention_levels: scan_study}"
+        model.vision_config.max_scans=4 model.vision_config.attention_levels=scan_study
     accelerate launch --num_processes 8 -m voxlm.training.train_clip --config my_clip.yaml
 """
 
@@ -24,13 +24,13 @@ from datasets import interleave_datasets
 from transformers import AutoTokenizer
 
 from voxlm.model_cards import voxclip_card_for_run
-from voxlm.modeling import VoxCLIPModel, VoxViTConfig
+from voxlm.modeling import VoxCLIPConfig, VoxCLIPModel, VoxViTConfig
 from voxlm.processing import VoxVolumeProcessor
 from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.data.study_sampling import StudyCollator, StudySampling
-from voxlm.training.loop import (
-    RunSettings, add_run_arguments, build_accelerator, epoch_loader, load_settings, overrides_from_args, run_training,
-    save_final,
+from voxlm.training.loop import build_accelerator, epoch_loader, run_training, save_final
+from voxlm.training.settings import (
+    RunSettings, add_run_arguments, load_settings, model_keyword_arguments, overrides_from_args,
 )
 from voxlm.training.trainable import freeze_text_layers
 
@@ -38,41 +38,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipModelSettings:
-    """What to build.
+class ClipPretrainedParts:
+    """Where the pretrained parts of a VoxCLIP come from (the `pretrained` section of the stage's config).
 
     Args:
-        vision (`str`, *optional*): a VoxViT folder / Hub id; `None` builds a random encoder from `vision_config`.
-        vision_config (`dict`): VoxViT settings when `vision` is `None` (`image_size` comes from below).
-        image_size (`list[int]`): the volume size `(D, H, W)`.
+        vision (`str`, *optional*): a VoxViT folder / Hub id; its config is the VoxCLIP's `vision_config`. `None`
+            builds a random encoder from `model.vision_config`.
         text (`str`, *optional*): a BERT-like folder / Hub id; `None` uses the packaged MiniLM (offline).
         text_dropout (`float`, *optional*): overrides the text encoder's dropout.
         text_trainable_layers (`int`, *optional*): train only the top N layers of the text encoder (0: lock it, only
             the text projection trains); `None` trains all of it.
-        projection_dim (`int`), text_pooling (`str`), contrastive_loss (`str`), inter_patient_loss_weight (`float`),
-            mvr_loss_weight (`float`), mim_loss_weight (`float`), mlm_loss_weight (`float`), report_gen_loss_weight
-            (`float`): see `VoxCLIPConfig` (0 turns a term off).
-        clip_config (`dict`): further `VoxCLIPConfig` fields (`mask_ratio`, `volume_decoder_hidden_size`,
-            `mlm_fusion_layers`, `report_decoder_layers`, ...).
-        ct_window (`str`): the processor's Hounsfield window.
     """
 
     vision: str | None = None
-    vision_config: dict = field(default_factory=dict)
-    image_size: list[int] = field(default_factory=lambda: [32, 256, 256])
     text: str | None = None
     text_dropout: float | None = None
     text_trainable_layers: int | None = None
-    projection_dim: int = 512
-    text_pooling: str = "mean"
-    contrastive_loss: str = "infonce"
-    inter_patient_loss_weight: float = 0.0
-    mvr_loss_weight: float = 0.0
-    mim_loss_weight: float = 0.0
-    mlm_loss_weight: float = 0.0
-    report_gen_loss_weight: float = 0.0
-    clip_config: dict = field(default_factory=dict)
-    ct_window: str = "brain"
 
 
 @dataclass
@@ -112,30 +93,35 @@ class ClipDataSettings:
 
 @dataclass
 class ClipSettings:
-    model: ClipModelSettings = field(default_factory=ClipModelSettings)
+    """The stage's settings: `pretrained` (where the encoders come from), `model` (`VoxCLIPConfig` keywords:
+    `vision_config`, `projection_dim`, `text_pooling`, the loss weights (0 turns a term off), `mask_ratio`, ...; the
+    config validates them), `processor` (`VoxVolumeProcessor` keywords; its `image_size` is the encoder's), `data` and
+    `run`."""
+
+    pretrained: ClipPretrainedParts = field(default_factory=ClipPretrainedParts)
+    model: dict = field(default_factory=dict)
+    processor: dict = field(default_factory=dict)
     data: ClipDataSettings = field(default_factory=ClipDataSettings)
     run: RunSettings = field(default_factory=lambda: RunSettings(output_dir="runs/clip", learning_rate=1e-4))
 
 
-def build_clip(settings: ClipModelSettings):
-    """`(model, volume_processor, tokenizer)` for a settings block."""
+def build_clip(pretrained: ClipPretrainedParts, model: dict | None = None, processor: dict | None = None):
+    """`(model, volume_processor, tokenizer)` from the stage's `pretrained`, `model` and `processor` sections."""
     from voxlm.training.backends import minilm_folder
 
-    text = settings.text or str(minilm_folder())
-    vision_config = VoxViTConfig(image_size=settings.image_size, **settings.vision_config)
-    dropout = settings.text_dropout
+    text = pretrained.text or str(minilm_folder())
+    set_elsewhere = {"text_config": f"pretrained.text={text!r} (its own config)"}
+    if pretrained.vision is not None:
+        set_elsewhere["vision_config"] = f"pretrained.vision={pretrained.vision!r} (its own config)"
+    config_arguments = model_keyword_arguments(VoxCLIPConfig, model or {}, set_elsewhere)
+    vision_config = VoxViTConfig(**config_arguments.pop("vision_config", {}))
+    dropout = pretrained.text_dropout
     text_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    model = VoxCLIPModel.from_vision_text_pretrained(
-        settings.vision, text, vision_config=vision_config, text_kwargs=text_kwargs,
-        projection_dim=settings.projection_dim, text_pooling=settings.text_pooling,
-        contrastive_loss=settings.contrastive_loss, inter_patient_loss_weight=settings.inter_patient_loss_weight,
-        mvr_loss_weight=settings.mvr_loss_weight, mim_loss_weight=settings.mim_loss_weight,
-        mlm_loss_weight=settings.mlm_loss_weight, report_gen_loss_weight=settings.report_gen_loss_weight,
-        **settings.clip_config,
-    )
-    freeze_text_layers(model, settings.text_trainable_layers)
-    processor = VoxVolumeProcessor(image_size=tuple(model.config.vision_config.image_size), ct_window=settings.ct_window)
-    return model, processor, AutoTokenizer.from_pretrained(text)
+    clip = VoxCLIPModel.from_vision_text_pretrained(pretrained.vision, text, vision_config=vision_config,
+                                                    text_kwargs=text_kwargs, **config_arguments)
+    freeze_text_layers(clip, pretrained.text_trainable_layers)
+    image_size = tuple(clip.config.vision_config.image_size)
+    return clip, VoxVolumeProcessor(image_size=image_size, **(processor or {})), AutoTokenizer.from_pretrained(text)
 
 
 def clip_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -202,16 +188,16 @@ def train(settings: ClipSettings) -> Path:
     if not settings.data.path:
         raise ValueError("data.path is required: a dataset folder or Hub id in voxlm's format")
     set_seed(settings.run.seed)
-    model, processor, tokenizer = build_clip(settings.model)
+    model, processor, tokenizer = build_clip(settings.pretrained, settings.model, settings.processor)
     check_study_settings(settings, model)
     accelerator = build_accelerator(settings.run)
     data = settings.data
-    if settings.model.mim_loss_weight > 0 and not data.image_only_path:
+    if model.config.mim_loss_weight > 0 and not data.image_only_path:
         logger.warning("model.mim_loss_weight > 0 trains on rows without a report only; data.image_only_path is "
                        "empty, so only rows of data.path with an empty report feed it")
-    if data.image_only_path and settings.model.mim_loss_weight == 0:
+    if data.image_only_path and model.config.mim_loss_weight == 0:
         logger.warning("data.image_only_path is set but model.mim_loss_weight is 0: its volumes train nothing")
-    mlm_probability = data.mlm_probability if settings.model.mlm_loss_weight > 0 else 0.0
+    mlm_probability = data.mlm_probability if model.config.mlm_loss_weight > 0 else 0.0
     num_patches = model.config.vision_config.num_patches if model.config.builds_volume_decoder else None
 
     def batches_for_epoch(epoch: int):
@@ -234,7 +220,7 @@ def train(settings: ClipSettings) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML settings (sections model, data, run)")
+    parser.add_argument("--config", type=Path, help="YAML settings (sections pretrained, model, processor, data, run)")
     add_run_arguments(parser)
 
 
