@@ -10,10 +10,13 @@ as above; the text-side terms cross-attend to the tokens of every real scan.
 
 Extra terms, each built only when its weight is above 0 (the contrastive terms use the paired rows only):
 
-    mvr, mim    volume -> random 25% of patches -> VoxViT blocks -> volume_decoder (mask tokens; cross-attends to the
+    mvr, mim    volume -> random 25% of patches -> VoxViT(keep_ids) -> volume_decoder (mask tokens; cross-attends to the
                 report states on paired rows when mvr is on) -> (B, N, voxels per patch) -> MSE on masked patches
     mlm         masked report ids -> text encoder -> mlm_head (cross-attends to the volume tokens) -> masked tokens
     report_gen  report ids -> word embeddings -> report_decoder (causal; cross-attends to the volume tokens) -> next ids
+
+The decoders' attention runs through transformers' attention interface, as VoxViT's does: `config._attn_implementation`
+("eager" or "sdpa") picks it; the text encoder follows `text_config._attn_implementation`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from einops import rearrange, repeat
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_voxclip import LOSS_WEIGHTS, VoxCLIPConfig
@@ -42,7 +46,13 @@ from .losses import (
     siglip_loss,
     token_cross_entropy,
 )
-from .modeling_voxvit import VoxViTModel, VoxViTModelOutput, patchify, sincos_position_embeddings
+from .modeling_voxvit import (
+    VoxViTModel,
+    VoxViTModelOutput,
+    eager_attention_forward,
+    patchify,
+    sincos_position_embeddings,
+)
 
 
 class TextEncoderNotFoundError(ValueError):
@@ -126,18 +136,23 @@ def tied_token_logits(
 
 
 class VoxCLIPAttention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`: queries from `hidden_states`, keys and values from
-    `context` (cross-attention, any width `context_size`) or from `hidden_states` (self-attention).
+    """Multi-head attention through the implementation `config._attn_implementation` names: queries from
+    `hidden_states`, keys and values from `context` (cross-attention, any width `context_size`) or from
+    `hidden_states` (self-attention).
 
     Args:
+        config (`VoxCLIPConfig`): the model config, read for `_attn_implementation` at each call.
         hidden_size (`int`): width `E` of the queries and of the output.
         num_heads (`int`): attention heads (divide `hidden_size`).
         context_size (`int`, *optional*): width of the context; `None` for self-attention.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, context_size: int | None = None):
+    def __init__(self, config: VoxCLIPConfig, hidden_size: int, num_heads: int, context_size: int | None = None):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
+        self.scaling = (hidden_size // num_heads) ** -0.5
+        self.is_causal = False  # the default of transformers' SDPA and flash functions is causal; callers say when
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key_value = nn.Linear(context_size or hidden_size, 2 * hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
@@ -160,9 +175,13 @@ class VoxCLIPAttention(nn.Module):
         query = rearrange(self.query(hidden_states), "b n (h d) -> b h n d", h=self.num_heads)  # (B, heads, N, d)
         # (B, M, 2E) -> 2 x (B, heads, M, d)
         key, value = rearrange(self.key_value(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
-        attn_mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B, 1, 1, M)
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(rearrange(output, "b h n d -> b n (h d)"))  # (B, heads, N, d) -> (B, N, E)
+        attention_mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B, 1, 1, M)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling,
+                                        is_causal=is_causal)
+        return self.out_proj(rearrange(output, "b n h d -> b n (h d)"))  # (B, N, heads, d) -> (B, N, E)
 
 
 class VoxCLIPDecoderLayer(nn.Module):
@@ -170,6 +189,7 @@ class VoxCLIPDecoderLayer(nn.Module):
     GELU MLP. The volume decoder, the MLM fusion and the report decoder are stacks of it.
 
     Args:
+        config (`VoxCLIPConfig`): the model config (its attention implementation).
         hidden_size (`int`), num_heads (`int`), intermediate_size (`int`): width, heads and MLP width.
         context_size (`int`, *optional*): width of the cross-attended context; `None` builds no cross-attention.
         layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
@@ -177,6 +197,7 @@ class VoxCLIPDecoderLayer(nn.Module):
 
     def __init__(
         self,
+        config: VoxCLIPConfig,
         hidden_size: int,
         num_heads: int,
         intermediate_size: int,
@@ -185,9 +206,9 @@ class VoxCLIPDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.self_attn = VoxCLIPAttention(hidden_size, num_heads)
+        self.self_attn = VoxCLIPAttention(config, hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if context_size else None
-        self.cross_attn = VoxCLIPAttention(hidden_size, num_heads, context_size) if context_size else None
+        self.cross_attn = VoxCLIPAttention(config, hidden_size, num_heads, context_size) if context_size else None
         self.norm3 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
@@ -241,7 +262,8 @@ class VoxCLIPVolumeDecoder(nn.Module):
         self.register_buffer("position_embeddings", sincos_position_embeddings(vision.grid_size, width))
         text_size = config.text_config.hidden_size if config.mvr_loss_weight > 0 else None
         self.layers = nn.ModuleList(
-            VoxCLIPDecoderLayer(width, config.volume_decoder_heads, config.volume_decoder_intermediate_size, text_size)
+            VoxCLIPDecoderLayer(config, width, config.volume_decoder_heads, config.volume_decoder_intermediate_size,
+                                text_size)
             for _ in range(config.volume_decoder_layers)
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
@@ -292,7 +314,7 @@ class VoxCLIPMLMHead(nn.Module):
         text = config.text_config
         eps = getattr(text, "layer_norm_eps", 1e-12)
         self.fusion = nn.ModuleList(
-            VoxCLIPDecoderLayer(text.hidden_size, text.num_attention_heads, text.intermediate_size,
+            VoxCLIPDecoderLayer(config, text.hidden_size, text.num_attention_heads, text.intermediate_size,
                                 config.vision_config.hidden_size, eps)
             for _ in range(config.mlm_fusion_layers)
         )
@@ -343,7 +365,7 @@ class VoxCLIPReportDecoder(nn.Module):
         eps = getattr(text, "layer_norm_eps", 1e-12)
         self.position_embeddings = nn.Embedding(text.max_position_embeddings, text.hidden_size)
         self.layers = nn.ModuleList(
-            VoxCLIPDecoderLayer(text.hidden_size, text.num_attention_heads, text.intermediate_size,
+            VoxCLIPDecoderLayer(config, text.hidden_size, text.num_attention_heads, text.intermediate_size,
                                 config.vision_config.hidden_size, eps)
             for _ in range(config.report_decoder_layers)
         )
@@ -415,6 +437,27 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         elif isinstance(module, (VoxCLIPMLMHead, VoxCLIPReportDecoder)):
             init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names, as in `named_parameters()`, of the matrix parameters that AdamW must not decay (timm / MAE
+        convention); 1-D and scalar parameters (biases, norm weights, `logit_scale`, `logit_bias`) are left to the
+        optimiser's `dim < 2` rule.
+
+        - the vision model's ([`VoxViTModel.no_weight_decay`]: position embeddings, CLS, scan embeddings),
+          under `vision_model.`;
+        - `volume_decoder.mask_token`: MAE's mask token, a placeholder embedding; decay would shrink it toward zero,
+          toward the sine-cosine position it is added to, and it stands for every masked patch at once;
+        - `report_decoder.position_embeddings.weight`: the report decoder's learned positions (a table added to the
+          tokens: decay only erases position).
+
+        The text encoder keeps its own convention (HF Trainer's and BERT's: its embeddings decay), as VoxLM's LLM does.
+
+        Returns:
+            `set[str]`: the names of those that this model holds (the decoders exist only when their terms are on).
+        """
+        names = {f"vision_model.{name}" for name in self.vision_model.no_weight_decay()}
+        names |= {"volume_decoder.mask_token", "report_decoder.position_embeddings.weight"}
+        return names & dict(self.named_parameters()).keys()
+
     def get_image_features(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Projected (not normalised) embeddings `(B, P)` of volumes or of whole studies.
 
@@ -446,27 +489,6 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
     def word_embeddings(self) -> torch.Tensor:
         """The text encoder's word-embedding matrix `(V, E_txt)`, the tied output layer of the MLM head and decoder."""
         return self.text_model.get_input_embeddings().weight
-
-    def encode_visible_patches(self, pixel_values: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
-        """Run the VoxViT on its CLS token and the visible patches only (MAE).
-
-        Note: the encoder is driven from outside through `VoxViTModel.embed`, `.blocks` and `.norm` (the single-scan
-        path of `VoxViTModel.forward`), so VoxViT needs no masking argument; position embeddings are added before the
-        masked patches are dropped, so each visible token keeps its grid position.
-
-        Args:
-            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)`): the volumes.
-            keep_ids (`torch.LongTensor` of shape `(B, N_vis)`): the visible patches (`random_patch_masking`).
-
-        Returns:
-            `torch.Tensor` of shape `(B, 1 + N_vis, E_vis)`: the normalised tokens, CLS first.
-        """
-        tokens = self.vision_model.embed(pixel_values)  # (B, 1 + N, E_vis)
-        index = keep_ids[..., None].expand(-1, -1, tokens.shape[-1])  # (B, N_vis) -> (B, N_vis, E_vis)
-        hidden_states = torch.cat([tokens[:, :1], tokens[:, 1:].gather(1, index)], dim=1)  # (B, 1 + N_vis, E_vis)
-        for block in self.vision_model.blocks:
-            hidden_states, _ = block(hidden_states)
-        return self.vision_model.norm(hidden_states)
 
     def contrastive_losses(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, has_report: torch.Tensor
@@ -518,7 +540,7 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
             num_patches = config.vision_config.num_patches
             patch_noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)  # (B, N)
         keep_ids, mask = random_patch_masking(patch_noise, config.num_visible_patches)  # (B, N_vis), (B, N)
-        visible_states = self.encode_visible_patches(pixel_values, keep_ids)  # (B, 1 + N_vis, E_vis)
+        visible_states = self.vision_model(pixel_values, keep_ids=keep_ids).last_hidden_state  # (B, 1 + N_vis, E_vis)
         guided = config.mvr_loss_weight > 0
         predictions = self.volume_decoder(visible_states, keep_ids, text_states if guided else None, attention_mask,
                                           has_report)  # (B, N, p_d p_h p_w C)

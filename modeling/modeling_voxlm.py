@@ -10,6 +10,11 @@
       -> hidden state at each `[SEG]` token       mean if several -> (B_seg, E_llm)
       -> VoxSegHead                               prompt projector + two-way attention over the patch features
                                                   -> mask logits (B_seg, 1, D, H, W) at input resolution; Dice + BCE
+
+Attention implementations: `config._attn_implementation` drives the seg head's attention, `vision_config`'s the
+VoxViT's and `text_config`'s the LLM's; a string `attn_implementation` sets all three, a dict per sub-config (e.g.
+`{"text_config": "flash_attention_2", "vision_config": "sdpa", "": "sdpa"}`) gives the LLM a kernel the vision side
+does not have.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_voxlm import VoxLMConfig
 from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
-from .modeling_voxvit import VoxViTModel, pool_scan_tokens
+from .modeling_voxvit import VoxViTModel, eager_attention_forward, pool_scan_tokens
 
 
 @dataclass
@@ -128,29 +134,68 @@ class LinearProjector(VoxLMProjector):
         return self.linear(tokens)
 
 
+class VoxSegAttention(nn.Module):
+    """Multi-head attention with queries, keys and values given apart (SAM's two-way decoder attends tokens to the
+    image and back), computed by the implementation `config._attn_implementation` names.
+
+    Note: the parameters keep the names and layout of the `nn.MultiheadAttention` the head was built with before
+    (`in_proj_weight (3 E, E)` stacking the query, key and value maps, `in_proj_bias`, `out_proj`), so saved VoxLM
+    checkpoints load unchanged.
+
+    Args:
+        config (`VoxLMConfig`): the model config, read for `_attn_implementation` at each call.
+        hidden_size (`int`): width `E`.
+        num_heads (`int`): attention heads (divide `hidden_size`).
+    """
+
+    def __init__(self, config: VoxLMConfig, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.scaling = (hidden_size // num_heads) ** -0.5
+        self.is_causal = False  # read by transformers' SDPA and flash functions, which default to causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query `(B, T, E)`, key and value `(B, M, E)` -> `(B, T, E)`."""
+        projections = zip((query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3))
+        # 3 x (B, T or M, E) -> (B, heads, T or M, d)
+        query, key, value = (
+            rearrange(F.linear(tokens, weight, bias), "b n (h d) -> b h n d", h=self.num_heads)
+            for tokens, weight, bias in projections
+        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(self, query, key, value, None, scaling=self.scaling)
+        return self.out_proj(rearrange(output, "b t h d -> b t (h d)"))  # (B, T, heads, d) -> (B, T, E)
+
+
 class VoxSegTwoWayLayer(nn.Module):
     """One SAM / SegVol decoder layer: tokens attend to themselves and to the image, then the image to the tokens."""
 
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int):
+    def __init__(self, config: VoxLMConfig, hidden_size: int, num_heads: int, intermediate_size: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.self_attn = VoxSegAttention(config, hidden_size, num_heads)
         self.norm1 = nn.LayerNorm(hidden_size)
-        self.token_to_image = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.token_to_image = VoxSegAttention(config, hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
         )
         self.norm3 = nn.LayerNorm(hidden_size)
-        self.image_to_token = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.image_to_token = VoxSegAttention(config, hidden_size, num_heads)
         self.norm4 = nn.LayerNorm(hidden_size)
 
     def forward(self, tokens: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor):
         """tokens `(B, T, S)`, image `(B, N, S)`, image_pos `(1, N, S)` -> updated tokens and image."""
-        tokens = self.norm1(tokens + self.self_attn(tokens, tokens, tokens, need_weights=False)[0])
-        attended = self.token_to_image(tokens, image + image_pos, image, need_weights=False)[0]
+        tokens = self.norm1(tokens + self.self_attn(tokens, tokens, tokens))
+        attended = self.token_to_image(tokens, image + image_pos, image)
         tokens = self.norm2(tokens + attended)
         tokens = self.norm3(tokens + self.mlp(tokens))
-        attended = self.image_to_token(image + image_pos, tokens, tokens, need_weights=False)[0]
+        attended = self.image_to_token(image + image_pos, tokens, tokens)
         image = self.norm4(image + attended)
         return tokens, image
 
@@ -181,11 +226,11 @@ class VoxSegHead(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.layers = nn.ModuleList(
             [
-                VoxSegTwoWayLayer(width, seg.num_attention_heads, seg.intermediate_size)
+                VoxSegTwoWayLayer(config, width, seg.num_attention_heads, seg.intermediate_size)
                 for _ in range(seg.num_hidden_layers)
             ]
         )
-        self.final_token_to_image = nn.MultiheadAttention(width, seg.num_attention_heads, batch_first=True)
+        self.final_token_to_image = VoxSegAttention(config, width, seg.num_attention_heads)
         self.final_norm = nn.LayerNorm(width)
         self.upscale = nn.Sequential(
             nn.ConvTranspose3d(width, width // 4, kernel_size=2, stride=2),
@@ -209,9 +254,7 @@ class VoxSegHead(nn.Module):
         tokens = torch.cat([self.mask_token.expand(prompt.shape[0], -1, -1), prompt[:, None]], dim=1)  # (B, 2, S)
         for layer in self.layers:
             tokens, image = layer(tokens, image, self.image_position_embeddings)
-        attended = self.final_token_to_image(
-            tokens, image + self.image_position_embeddings, image, need_weights=False
-        )[0]
+        attended = self.final_token_to_image(tokens, image + self.image_position_embeddings, image)
         tokens = self.final_norm(tokens + attended)
         d, h, w = self.grid_size
         grid = rearrange(image, "b (d h w) s -> b s d h w", d=d, h=h, w=w)  # (B, N, S) -> (B, S, D', H', W')
@@ -231,10 +274,9 @@ class VoxLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["VoxViTBlock", "VoxSegTwoWayLayer"]
     # The KV cache's name in transformers >= 5.24, and before.
     _skip_keys_device_placement = ["cache", "past_key_values"]
+    # Eager and SDPA only: the vision tower and the seg head pass boolean masks (`eager_attention_forward`); an LLM
+    # kernel such as flash attention is chosen for `text_config` alone (module docstring).
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_compile_fullgraph = False
 
     def _init_weights(self, module):
@@ -243,6 +285,11 @@ class VoxLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.ConvTranspose3d):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.bias)
+        elif isinstance(module, VoxSegAttention):
+            # nn.MultiheadAttention's initialisation (`_reset_parameters`), which the head was trained with before.
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
         elif isinstance(module, VoxSegHead):
             init.trunc_normal_(module.image_position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.mask_token, mean=0.0, std=std)
@@ -271,6 +318,27 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.seg_head = VoxSegHead(config) if config.seg_config is not None else None
         self.post_init()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names, as in `named_parameters()`, of the matrix parameters that AdamW must not decay (timm / MAE
+        convention); 1-D parameters (biases, norm weights, the projector's `scan_separator`) are left to the
+        optimiser's `dim < 2` rule.
+
+        - the vision tower's ([`VoxViTModel.no_weight_decay`]: position embeddings, CLS, scan embeddings), under
+          `vision_tower.`;
+        - `seg_head.image_position_embeddings` and `seg_head.mask_token`: the seg head's learned positions and its
+          learned output token, tables added to or placed among the tokens, which decay would only shrink toward
+          "no position" and a zero query.
+
+        The LLM's weights, token embeddings included, decay as HF Trainer and nanoGPT decay them. Names are this
+        model's own: under a PEFT wrapper, match them as suffixes.
+
+        Returns:
+            `set[str]`: the names of those that this model holds (the seg head exists only with `seg_config`).
+        """
+        names = {f"vision_tower.{name}" for name in self.vision_tower.no_weight_decay()}
+        names |= {"seg_head.image_position_embeddings", "seg_head.mask_token"}
+        return names & dict(self.named_parameters()).keys()
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

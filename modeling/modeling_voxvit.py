@@ -7,7 +7,14 @@ torch, transformers and einops. Parameter names follow `monai.networks.nets.ViT`
 
     volume (B, C, D, H, W)
       -> patchify (B, N, p_d * p_h * p_w * C) -> Linear -> + position embeddings -> [CLS] + tokens (B, 1 + N, E)
-      -> num_hidden_layers x [pre-norm self-attention (SDPA) + pre-norm MLP] -> LayerNorm
+      -> num_hidden_layers x [pre-norm self-attention + pre-norm MLP] -> LayerNorm
+
+Attention runs through transformers' attention interface, so `attn_implementation="eager" | "sdpa"` (in
+`from_pretrained` or `set_attn_implementation`) picks the kernel; `output_attentions=True` computes eagerly, as only
+eager attention has weights to return.
+
+MAE-style masking: `keep_ids (B, K)` keeps CLS and K patch tokens after the position embeddings are added, so the
+blocks see `(B, 1 + K, E)` and each kept token still knows its grid position (VoxCLIP's masked-volume terms).
 
 Study mode (HLIP, seed 001) takes the S scans of a study at once:
 
@@ -27,6 +34,7 @@ keeps a one-scan study numerically identical to the single-scan encoder and give
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -38,6 +46,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_voxvit import VoxViTConfig
 
@@ -111,13 +120,56 @@ class VoxViTPatchEmbedding(nn.Module):
         return self.dropout(embeddings)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention computed by hand: `attn_implementation="eager"`, and the one implementation that returns weights.
+    The signature and output layout are those of transformers' attention functions (`ALL_ATTENTION_FUNCTIONS`).
+
+    Args:
+        module (`nn.Module`): the calling attention module (its `training` flag switches dropout on).
+        query (`torch.Tensor` of shape `(B, heads, N, d)`), key, value (`torch.Tensor` of shape `(B, heads, M, d)`).
+        attention_mask (`torch.Tensor` of shape `(B, 1, N or 1, M)`, *optional*): boolean, `True` where a query may
+            attend to a key.
+        scaling (`float`): the score scale, `d ** -0.5`.
+        dropout (`float`, defaults to 0.0): dropout on the attention weights.
+        is_causal (`bool`, defaults to `False`): also hide the keys after each query (aligned top-left, as SDPA does).
+
+    Returns:
+        `(output (B, N, heads, d), weights (B, heads, N, M))`.
+
+    Every attention module of voxlm passes boolean masks `(B, 1, N or 1, M)` or none (non-causal, or `is_causal`), the
+    contract that this function and SDPA share; that is why the models advertise `_supports_sdpa` and no other kernel.
+    """
+    scores = query @ key.transpose(-2, -1) * scaling  # (B, heads, N, M)
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()  # (N, M)
+        attention_mask = causal if attention_mask is None else attention_mask & causal
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2), weights  # (B, heads, N, d) -> (B, N, heads, d)
+
+
 class VoxViTAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection, computed by `scaled_dot_product_attention`."""
+    """Multi-head self-attention with a fused QKV projection, computed by the implementation the config names."""
 
     def __init__(self, config: VoxViTConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
+        self.scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
         self.dropout_p = config.attention_dropout
+        self.is_causal = False  # read by transformers' SDPA and flash functions, which default to causal
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.drop_output = nn.Dropout(config.hidden_dropout_prob)
@@ -128,25 +180,30 @@ class VoxViTAttention(nn.Module):
         """
         Args:
             hidden_states (`torch.Tensor` of shape `(B, N, E)`): tokens.
-            attention_mask (`torch.Tensor` of shape `(B, 1, N, N)`, *optional*): boolean, `True` where a query may
-                attend to a key.
-            output_attentions (`bool`): also return the attention weights `(B, heads, N, N)`.
+            attention_mask (`torch.Tensor` of shape `(B, 1, N or 1, N)`, *optional*): boolean, `True` where a query
+                may attend to a key.
+            output_attentions (`bool`): compute eagerly and also return the attention weights `(B, heads, N, N)`.
         """
         # (B, N, 3E) -> 3 x (B, heads, N, E / heads); MONAI's layout: "b n (qkv heads d)"
         query, key, value = rearrange(
             self.qkv(hidden_states), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         )
-        dropout_p = self.dropout_p if self.training else 0.0
-        if output_attentions:
-            scores = query @ key.transpose(-2, -1) * query.shape[-1] ** -0.5  # (B, heads, N, N)
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            weights = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=self.training)
-            context = weights @ value
+        if output_attentions:  # only eager attention computes the weights, whatever the config names
+            attention_interface: Callable = eager_attention_forward
         else:
-            weights = None
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
-        context = rearrange(context, "b h n d -> b n (h d)")  # (B, heads, N, d) -> (B, N, E)
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        context, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout_p if self.training else 0.0,
+        )
+        context = rearrange(context, "b n h d -> b n (h d)")  # (B, N, heads, d) -> (B, N, E)
         return self.drop_output(self.out_proj(context)), weights
 
 
@@ -227,7 +284,8 @@ class VoxViTModelOutput(BaseModelOutputWithPooling):
 
     Args:
         last_hidden_state (`torch.Tensor` of shape `(B, 1 + N, E)` or `(B, S, 1 + N, E)`):
-            Tokens after the final LayerNorm; index 0 of each scan is its CLS token.
+            Tokens after the final LayerNorm; index 0 of each scan is its CLS token. With `keep_ids (B, K)`,
+            `(B, 1 + K, E)`: CLS, then the kept patches in `keep_ids` order.
         pooler_output (`torch.Tensor` of shape `(B, E)`):
             The volume embedding (`config.pooling`: CLS token by default, or mean / max over patch tokens); for a
             study, the mean of its valid scans' embeddings.
@@ -265,6 +323,23 @@ class VoxViTModel(VoxViTPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    def no_weight_decay(self) -> set[str]:
+        """Names, as in `named_parameters()`, of the matrix parameters that AdamW must not decay (timm / MAE
+        convention); 1-D parameters (biases, norm weights) are left to the optimiser's `dim < 2` rule.
+
+        - `patch_embedding.position_embeddings` (learned type only; the sine-cosine table is a buffer),
+        - `cls_token`,
+        - `scan_embeddings` (when `max_scans > 1`).
+
+        Each is a table added to the tokens, not a map applied to them: decay only pulls it toward zero, that is toward
+        "no position", "no summary token", "no scan order", and nothing in the loss asks for that.
+
+        Returns:
+            `set[str]`: the names of those that this encoder holds.
+        """
+        names = {"patch_embedding.position_embeddings", "cls_token", "scan_embeddings"}
+        return names & dict(self.named_parameters()).keys()
+
     def check_pixel_values(self, pixel_values: torch.Tensor):
         """Raise `ValueError` with the expected and the given shape when a volume does not fit this encoder."""
         expected = (self.config.num_channels, *self.config.image_size)
@@ -281,6 +356,48 @@ class VoxViTModel(VoxViTPreTrainedModel):
         # Note: MONAI adds position embeddings to patch tokens only, then prepends CLS (monai/networks/nets/vit.py).
         cls_tokens = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, E)
         return torch.cat([cls_tokens, tokens], dim=1)
+
+    def check_keep_ids(self, keep_ids: torch.Tensor, pixel_values: torch.Tensor):
+        """Raise `ValueError` when `keep_ids` cannot select patches of `pixel_values`: a study, an encoder with slice
+        attention (its slabs need the whole patch grid), a shape other than `(B, K)` with `1 <= K <= N`, a float
+        dtype, or an index outside `[0, N)` or repeated."""
+        if pixel_values.dim() == 6:
+            raise ValueError("keep_ids masks single volumes (B, C, D, H, W); a study (B, S, C, D, H, W) takes none")
+        if "slice" in self.config.block_attention_levels:
+            raise ValueError(
+                "keep_ids needs scan or study attention in every block (slice attention groups the full patch grid "
+                f"into slabs); this VoxViT's attention_levels are {list(self.config.block_attention_levels)}"
+            )
+        batch_size, num_patches = pixel_values.shape[0], self.config.num_patches
+        if keep_ids.dim() != 2 or keep_ids.shape[0] != batch_size or not 1 <= keep_ids.shape[1] <= num_patches:
+            raise ValueError(
+                f"keep_ids must have shape (B, K) = ({batch_size}, K) with 1 <= K <= {num_patches} patches; "
+                f"got {tuple(keep_ids.shape)}"
+            )
+        if keep_ids.is_floating_point() or keep_ids.is_complex() or keep_ids.dtype == torch.bool:
+            raise ValueError(f"keep_ids must hold integer patch indices, got dtype {keep_ids.dtype}")
+        if bool((keep_ids < 0).any() | (keep_ids >= num_patches).any()):
+            raise ValueError(
+                f"keep_ids must lie in [0, {num_patches}) (the patch grid); got values in "
+                f"[{int(keep_ids.min())}, {int(keep_ids.max())}]"
+            )
+        if bool((keep_ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("keep_ids repeats a patch index within a row; each kept patch must be listed once")
+
+    @staticmethod
+    def keep_patch_tokens(hidden_states: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
+        """CLS and the kept patch tokens of one-scan studies (MAE's masking), in `keep_ids` order.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, 1, 1 + N, E)`): embedded tokens, position embeddings added.
+            keep_ids (`torch.LongTensor` of shape `(B, K)`): the patches to keep.
+
+        Returns:
+            `torch.Tensor` of shape `(B, 1, 1 + K, E)`.
+        """
+        index = keep_ids[:, None, :, None].expand(-1, -1, -1, hidden_states.shape[-1])  # (B, K) -> (B, 1, K, E)
+        patches = hidden_states[:, :, 1:].gather(2, index)  # (B, 1, K, E)
+        return torch.cat([hidden_states[:, :, :1], patches], dim=2)
 
     def check_study(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Raise `ValueError` when a study `(B, S, C, D, H, W)` or its `scan_mask (B, S)` does not fit this encoder.
@@ -416,6 +533,7 @@ class VoxViTModel(VoxViTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         scan_mask: torch.Tensor | None = None,
+        keep_ids: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -427,8 +545,13 @@ class VoxViTModel(VoxViTPreTrainedModel):
                 or studies of S scans each (padded to the same S; at most `config.max_scans`).
             scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` (or 1) for real scans and
                 `False` for padding; padded scans are hidden from study attention and left out of the study embedding.
-            output_attentions (`bool`, *optional*): return each block's attention weights (computed eagerly instead of
-                with SDPA); `(B, heads, 1 + N, 1 + N)` for a volume with scan attention, else see [`VoxViTModelOutput`].
+            keep_ids (`torch.LongTensor` of shape `(B, K)`, *optional*): for volumes, the patches to keep (indices
+                in [`patchify`]'s grid order, `1 <= K <= N`, none repeated; MAE's masking): the encoder runs on CLS and
+                these K tokens only, and every output has `1 + K` tokens in `keep_ids` order (the pooled output pools
+                them). Needs scan or study attention in every block; raises `ValueError` otherwise or for studies.
+            output_attentions (`bool`, *optional*): return each block's attention weights (computed eagerly, whatever
+                `config._attn_implementation` says); `(B, heads, 1 + N, 1 + N)` for a volume with scan attention, else
+                see [`VoxViTModelOutput`].
             output_hidden_states (`bool`, *optional*): return the embeddings and each block's output.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -436,12 +559,16 @@ class VoxViTModel(VoxViTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         is_study = pixel_values.dim() == 6
+        if keep_ids is not None:
+            self.check_keep_ids(keep_ids, pixel_values)
         if is_study:
             scan_mask = self.check_study(pixel_values, scan_mask)
         else:
             self.check_pixel_values(pixel_values)
             pixel_values = pixel_values.unsqueeze(1)  # (B, C, D, H, W) -> (B, 1, C, D, H, W): a one-scan study
         hidden_states = self.embed_study(pixel_values)  # (B, S, 1 + N, E)
+        if keep_ids is not None:
+            hidden_states = self.keep_patch_tokens(hidden_states, keep_ids.to(hidden_states.device))  # (B, 1, 1 + K, E)
         hidden_states, all_hidden_states, all_attentions = self.forward_blocks(
             hidden_states, scan_mask, output_attentions, output_hidden_states
         )

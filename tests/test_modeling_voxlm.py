@@ -162,6 +162,65 @@ def test_segmentation_losses_and_masks_at_input_resolution():
     assert model.seg_head.hypernetwork[0].weight.grad.abs().sum() > 0
 
 
+def seg_batch(model) -> dict:
+    """Two prompts whose answers hold `[SEG]`, with volumes, labels and target masks."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(10, VOCAB_SIZE, (2, 5), generator=generator)
+    text[:, 2] = SEG_TOKEN_ID
+    input_ids = make_prompt(model, text, batch_size=2)
+    return dict(input_ids=input_ids, pixel_values=torch.rand(2, 1, 8, 16, 16, generator=generator),
+                labels=input_ids.clone(), seg_masks=(torch.rand(2, 1, 8, 16, 16, generator=generator) > 0.7).float())
+
+
+def test_eager_and_sdpa_attention_give_the_same_outputs():
+    model = make_model().eval()
+    with torch.no_grad():
+        sdpa = model(**seg_batch(model))
+        model.set_attn_implementation("eager")
+        parts = (model, model.vision_tower, model.language_model)
+        assert [part.config._attn_implementation for part in parts] == ["eager"] * 3
+        eager = model(**seg_batch(model))
+    for name in ("loss", "lm_loss", "seg_dice_loss", "seg_bce_loss", "logits", "seg_logits"):
+        torch.testing.assert_close(getattr(eager, name), getattr(sdpa, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_from_pretrained_attention_implementation_reaches_every_part(tmp_path, monkeypatch):
+    from voxlm.modeling import modeling_voxlm, modeling_voxvit
+
+    make_model().save_pretrained(tmp_path)
+    model = VoxLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    calls = {}
+    for module in (modeling_voxlm, modeling_voxvit):  # the seg head's and the vision tower's eager attention
+        def spy(*args, _eager=module.eager_attention_forward, _name=module.__name__, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _eager(*args, **kwargs)
+        monkeypatch.setattr(module, "eager_attention_forward", spy)
+    with torch.no_grad():
+        model(**seg_batch(model))
+    # seg head: 3 attentions in each of its 2 two-way layers, then the final one; vision tower: 2 blocks
+    assert calls == {modeling_voxlm.__name__: 7, modeling_voxvit.__name__: 2}
+    assert model.language_model.config._attn_implementation == "eager"
+    # A dict gives the LLM its own kernel and leaves the vision tower and the seg head on theirs.
+    mixed = VoxLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation={"text_config": "eager"})
+    parts = (mixed, mixed.vision_tower, mixed.language_model)
+    assert [part.config._attn_implementation for part in parts] == ["sdpa", "sdpa", "eager"]
+    with pytest.raises(ValueError, match="does not support"):
+        VoxLMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flex_attention")
+
+
+@pytest.mark.parametrize("seg", [True, False], ids=["seg-head", "no-seg-head"])
+def test_no_weight_decay_lists_the_vision_towers_and_the_seg_heads_embeddings(seg):
+    model = make_model(seg=seg, vision_config=tiny_vision_config(max_scans=2), max_study_scans=2)
+    names = model.no_weight_decay()
+    expected = {"vision_tower.patch_embedding.position_embeddings", "vision_tower.cls_token",
+                "vision_tower.scan_embeddings"}
+    if seg:
+        expected |= {"seg_head.image_position_embeddings", "seg_head.mask_token"}
+    assert names == expected  # neither the LLM's token embeddings nor the 1-D scan separator
+    parameters = dict(model.named_parameters())
+    assert all(parameters[name].dim() >= 2 for name in names), {name: parameters[name].shape for name in names}
+
+
 def test_several_seg_tokens_use_their_mean_hidden_state():
     model = make_model().eval()
     hidden = torch.randn(1, 6, 32)

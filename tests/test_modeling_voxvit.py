@@ -1,11 +1,12 @@
-"""VoxViT: shapes, config validation, SDPA == eager attention, and numerical equivalence with MONAI's ViT."""
+"""VoxViT: shapes, config validation, attention implementations (eager == SDPA, the one asked for is the one used),
+MAE masking with `keep_ids`, the parameters kept from weight decay, and numerical equivalence with MONAI's ViT."""
 
 import pytest
 import torch
 from monai.networks.nets import ViT
 from tiny_models import tiny_vision_config
 
-from voxlm.modeling import VoxViTConfig, VoxViTModel
+from voxlm.modeling import VoxViTConfig, VoxViTModel, modeling_voxvit
 from voxlm.modeling.convert_m3d import convert_monai_vit_state_dict
 
 
@@ -66,6 +67,148 @@ def test_sdpa_equals_eager_attention():
     sdpa = model(volume).last_hidden_state
     eager = model(volume, output_attentions=True).last_hidden_state
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+STUDY_LEVELS = dict(num_hidden_layers=3, attention_levels=["slice", "scan", "study"], max_scans=3)
+
+
+@pytest.mark.parametrize("study", [False, True], ids=["volume", "study"])
+def test_eager_and_sdpa_implementations_give_the_same_outputs(study):
+    torch.manual_seed(0)
+    model = VoxViTModel(tiny_vision_config(**STUDY_LEVELS)).eval()
+    if study:  # the study level runs with a key mask: the second study's last scan is padding
+        inputs = dict(pixel_values=torch.rand(2, 3, 1, 8, 16, 16), scan_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    else:
+        inputs = dict(pixel_values=torch.rand(2, 1, 8, 16, 16))
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = model(**inputs)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    eager = model(**inputs)
+    torch.testing.assert_close(eager.last_hidden_state, sdpa.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager.pooler_output, sdpa.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def count_eager_calls(monkeypatch) -> list:
+    """Record every call of VoxViT's eager attention (it still computes): a list that grows by one per call."""
+    calls, eager = [], modeling_voxvit.eager_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_voxvit, "eager_attention_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("implementation, eager_calls", [("eager", 2), ("sdpa", 0)])
+def test_from_pretrained_runs_the_attention_implementation_asked_for(tmp_path, monkeypatch, implementation,
+                                                                     eager_calls):
+    VoxViTModel(tiny_vision_config()).save_pretrained(tmp_path)
+    model = VoxViTModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    assert model.config._attn_implementation == implementation
+    calls = count_eager_calls(monkeypatch)
+    assert model(torch.rand(1, 1, 8, 16, 16)).attentions is None
+    assert len(calls) == eager_calls  # one per block
+    # Attention weights exist only in eager attention, so asking for them computes eagerly whatever the config says.
+    weights = model(torch.rand(1, 1, 8, 16, 16), output_attentions=True).attentions
+    assert len(calls) == eager_calls + 2 and weights[0].shape == (1, 4, 65, 65)
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2", "no_such_kernel"])
+def test_an_attention_implementation_voxvit_lacks_is_refused_by_transformers(tmp_path, implementation):
+    VoxViTModel(tiny_vision_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support|is not supported"):
+        VoxViTModel.from_pretrained(tmp_path, attn_implementation=implementation)
+
+
+def visible_pass_by_hand(model: VoxViTModel, pixel_values: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
+    """The masked pass as VoxCLIP used to drive it from outside the encoder: embed, keep CLS and the `keep_ids`
+    patches, the blocks without grouping, the final norm. `(B, C, D, H, W)`, `(B, K)` -> `(B, 1 + K, E)`."""
+    tokens = model.embed(pixel_values)  # (B, 1 + N, E)
+    index = keep_ids[..., None].expand(-1, -1, tokens.shape[-1])  # (B, K, E)
+    hidden_states = torch.cat([tokens[:, :1], tokens[:, 1:].gather(1, index)], dim=1)  # (B, 1 + K, E)
+    for block in model.blocks:
+        hidden_states, _ = block(hidden_states)
+    return model.norm(hidden_states)
+
+
+def test_keeping_every_patch_equals_the_unmasked_encoder():
+    model = VoxViTModel(tiny_vision_config()).eval()
+    pixel_values = torch.rand(2, 1, 8, 16, 16)
+    keep_all = torch.arange(64).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values, keep_ids=keep_all).last_hidden_state,
+                                   model(pixel_values).last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("levels", [None, ["scan", "study"]], ids=["scan", "scan-study"])
+def test_kept_patches_run_through_the_encoder_alone(pooling, levels):
+    torch.manual_seed(0)
+    model = VoxViTModel(tiny_vision_config(pooling=pooling, attention_levels=levels)).eval()
+    pixel_values, keep_ids = torch.rand(2, 1, 8, 16, 16), torch.rand(2, 64).argsort(dim=1)[:, :16]
+    with torch.no_grad():
+        output = model(pixel_values, keep_ids=keep_ids, output_hidden_states=True)
+        expected = visible_pass_by_hand(model, pixel_values, keep_ids)  # (2, 17, 32)
+    torch.testing.assert_close(output.last_hidden_state, expected, rtol=0, atol=0)
+    pooled = expected[:, 0] if pooling == "cls" else expected[:, 1:].mean(dim=1)
+    torch.testing.assert_close(output.pooler_output, pooled, rtol=0, atol=0)
+    assert [state.shape for state in output.hidden_states] == [(2, 17, 32)] * 3
+
+
+@pytest.mark.parametrize(
+    "keep_ids, message",
+    [
+        (torch.zeros(2, 4, 1, dtype=torch.long), r"shape \(B, K\) = \(2, K\) with 1 <= K <= 64.*\(2, 4, 1\)"),
+        (torch.zeros(3, 4, dtype=torch.long), r"shape \(B, K\).*got \(3, 4\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"1 <= K <= 64.*got \(2, 0\)"),
+        (torch.arange(65).expand(2, -1), r"1 <= K <= 64.*got \(2, 65\)"),
+        (torch.rand(2, 4), "integer patch indices, got dtype torch.float32"),
+        (torch.tensor([[0, 64], [1, 2]]), r"\[0, 64\).*\[0, 64\]"),
+        (torch.tensor([[-1, 3], [1, 2]]), r"\[0, 64\).*\[-1, 3\]"),
+        (torch.tensor([[3, 3], [1, 2]]), "repeats a patch index"),
+    ],
+    ids=["3d", "batch", "empty", "too-many", "float", "above", "negative", "repeated"],
+)
+def test_invalid_keep_ids_are_a_clear_error(keep_ids, message):
+    model = VoxViTModel(tiny_vision_config())
+    with pytest.raises(ValueError, match=message):
+        model(torch.rand(2, 1, 8, 16, 16), keep_ids=keep_ids)
+
+
+def test_keep_ids_are_refused_for_studies_and_slice_attention():
+    keep_ids = torch.arange(8).expand(2, -1)
+    study_model = VoxViTModel(tiny_vision_config(max_scans=2))
+    with pytest.raises(ValueError, match="keep_ids masks single volumes"):
+        study_model(torch.rand(2, 2, 1, 8, 16, 16), keep_ids=keep_ids)
+    slice_model = VoxViTModel(tiny_vision_config(attention_levels=["slice", "scan"]))
+    with pytest.raises(ValueError, match=r"scan or study attention in every block.*\['slice', 'scan'\]"):
+        slice_model(torch.rand(2, 1, 8, 16, 16), keep_ids=keep_ids)
+
+
+def assert_matrix_parameters(model, names: set[str]):
+    """Every name `no_weight_decay()` gives is a parameter of `model` with `dim >= 2` (the optimiser's rule catches
+    the 1-D ones)."""
+    parameters = dict(model.named_parameters())
+    assert names <= parameters.keys(), names - parameters.keys()
+    assert all(parameters[name].dim() >= 2 for name in names), {name: parameters[name].shape for name in names}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, {"patch_embedding.position_embeddings", "cls_token"}),
+        (dict(max_scans=3), {"patch_embedding.position_embeddings", "cls_token", "scan_embeddings"}),
+        (dict(position_embedding_type="sincos"), {"cls_token"}),  # a buffer, not a parameter
+    ],
+    ids=["learned", "study", "sincos"],
+)
+def test_no_weight_decay_lists_the_position_cls_and_scan_embeddings(overrides, expected):
+    model = VoxViTModel(tiny_vision_config(**overrides))
+    names = model.no_weight_decay()
+    assert isinstance(names, set) and names == expected
+    assert_matrix_parameters(model, names)
 
 
 def test_wrong_volume_shape_is_a_clear_error():

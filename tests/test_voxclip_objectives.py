@@ -1,6 +1,7 @@
 """VoxCLIP's MG-3D and COLIPRI terms: each loss against a hand computation, the modules built only when their weight
 is above 0, the gradients each term gives (and does not give), paired / image-only rows, save and load, and the
-collator's and the stage's handling of image-only rows and MLM masking."""
+collator's and the stage's handling of image-only rows and MLM masking; the attention implementation each attention
+follows, and the parameters kept from weight decay."""
 
 import json
 import math
@@ -20,6 +21,7 @@ from voxlm.modeling.losses import (
     token_cross_entropy,
 )
 from voxlm.modeling.losses import infonce_loss
+from voxlm.modeling import modeling_voxclip, modeling_voxvit
 from voxlm.modeling.modeling_voxclip import random_patch_masking
 
 TINY_TEXT = dict(model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
@@ -170,13 +172,65 @@ def test_config_round_trip_keeps_the_terms(tmp_path):
 # --- the model ------------------------------------------------------------------------------------------------------
 
 
-def test_visible_patch_pass_equals_the_encoder_when_nothing_is_masked():
-    model = tiny_clip(mvr_loss_weight=1.0)
-    pixel_values = torch.rand(2, 1, 8, 16, 16)
-    keep_all = torch.arange(64).expand(2, -1)
+def test_reconstruction_terms_decode_the_encoders_pass_over_the_kept_patches():
+    model = tiny_clip(mvr_loss_weight=1.0, mim_loss_weight=1.0)
+    inputs = batch()
+    patch_noise = torch.rand(3, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_visible_patches(pixel_values, keep_all),
-                                   model.vision_model(pixel_values).last_hidden_state, rtol=0, atol=0)
+        output = model(**inputs, patch_noise=patch_noise, return_loss=True)
+        keep_ids, mask = random_patch_masking(patch_noise, model.config.num_visible_patches)  # (3, 16), (3, 64)
+        visible = model.vision_model(inputs["pixel_values"], keep_ids=keep_ids).last_hidden_state  # (3, 17, 32)
+        text_states = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+        predictions = model.volume_decoder(visible, keep_ids, text_states, inputs["attention_mask"],
+                                           inputs["has_report"])
+    targets = normalized_patches(modeling_voxvit.patchify(inputs["pixel_values"], (2, 4, 4)))  # (3, 64, 32)
+    paired = inputs["has_report"].float()[:, None]
+    torch.testing.assert_close(output.mvr_loss, masked_reconstruction_loss(predictions, targets, mask * paired),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(output.mim_loss, masked_reconstruction_loss(predictions, targets, mask * (1 - paired)),
+                               rtol=0, atol=0)
+
+
+LOSS_NAMES = ("loss", "contrastive_loss", "inter_patient_loss", "mvr_loss", "mim_loss", "mlm_loss", "report_gen_loss")
+
+
+def test_eager_and_sdpa_attention_give_the_same_losses():
+    model = tiny_clip(**ALL_TERMS)
+    sdpa = run(model, batch())
+    model.set_attn_implementation("eager")
+    parts = (model, model.vision_model, model.text_model)
+    assert [part.config._attn_implementation for part in parts] == ["eager"] * 3
+    eager = run(model, batch())
+    for name in LOSS_NAMES + ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(eager, name), getattr(sdpa, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_from_pretrained_attention_implementation_reaches_the_decoders_and_the_encoder(tmp_path, monkeypatch):
+    tiny_clip(**ALL_TERMS).save_pretrained(tmp_path)
+    model = VoxCLIPModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    calls = {}
+    for module in (modeling_voxclip, modeling_voxvit):  # the decoders' and the VoxViT's eager attention
+        def spy(*args, _eager=module.eager_attention_forward, _name=module.__name__, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _eager(*args, **kwargs)
+        monkeypatch.setattr(module, "eager_attention_forward", spy)
+    run(model, batch())
+    assert calls.get(modeling_voxclip.__name__, 0) > 0 and calls.get(modeling_voxvit.__name__, 0) > 0, calls
+    with pytest.raises(ValueError, match="does not support"):
+        VoxCLIPModel.from_pretrained(tmp_path, attn_implementation="flex_attention")
+
+
+@pytest.mark.parametrize(
+    "weights, decoders",
+    [({}, set()), (ALL_TERMS, {"volume_decoder.mask_token", "report_decoder.position_embeddings.weight"})],
+    ids=["contrastive", "all-terms"],
+)
+def test_no_weight_decay_lists_the_encoders_and_the_decoders_embeddings(weights, decoders):
+    model = tiny_clip(**weights)
+    names = model.no_weight_decay()
+    assert names == {"vision_model.patch_embedding.position_embeddings", "vision_model.cls_token"} | decoders
+    parameters = dict(model.named_parameters())
+    assert all(parameters[name].dim() >= 2 for name in names), {name: parameters[name].shape for name in names}
 
 
 def test_loss_is_the_weighted_sum_of_the_components():
