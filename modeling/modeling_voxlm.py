@@ -331,14 +331,16 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
           "no position" and a zero query.
 
         The LLM's weights, token embeddings included, decay as HF Trainer and nanoGPT decay them. Names are this
-        model's own: under a PEFT wrapper, match them as suffixes.
+        model's own; under a PEFT wrapper `get_parameter(name)` still finds them (a `modules_to_save` wrapper answers
+        for the copy it trains).
 
         Returns:
             `set[str]`: the names of those that this model holds (the seg head exists only with `seg_config`).
         """
         names = {f"vision_tower.{name}" for name in self.vision_tower.no_weight_decay()}
-        names |= {"seg_head.image_position_embeddings", "seg_head.mask_token"}
-        return names & dict(self.named_parameters()).keys()
+        if self.seg_head is not None:
+            names |= {"seg_head.image_position_embeddings", "seg_head.mask_token"}
+        return names
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

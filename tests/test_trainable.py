@@ -96,3 +96,72 @@ def test_locking_the_text_encoder_trains_only_its_top_layers_and_the_rest_of_vox
     assert all(p.requires_grad for p in others)  # vision tower, both projections, logit scale
     with pytest.raises(ValueError, match="between 0 and the text encoder's 6 layers"):
         freeze_text_layers(model, num_layers + 1)
+
+
+def weight_decay_by_name(model, groups) -> dict[str, float]:
+    decay_of = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    return {name: decay_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_matrices_decay_but_the_declared(model, groups, exempt: set[str]) -> None:
+    """Every trained matrix decays, no vector does, and the matrices in `exempt` do not."""
+    shapes = {name: p.dim() for name, p in model.named_parameters()}
+    decays = weight_decay_by_name(model, groups)
+    assert decays
+    for name, decay in decays.items():
+        expected = 0.01 if shapes[name] >= 2 and name not in exempt else 0.0
+        assert decay == expected, (name, decay)
+
+
+def test_weight_decay_reaches_every_matrix_of_voxlm_but_the_ones_it_declares():
+    model = VoxLMForConditionalGeneration(tiny_voxlm_config())
+    exempt = model.no_weight_decay()
+    assert exempt == {"vision_tower.cls_token", "vision_tower.patch_embedding.position_embeddings",
+                      "seg_head.mask_token", "seg_head.image_position_embeddings"}
+    groups = parameter_groups(model, 0.01)
+    assert_matrices_decay_but_the_declared(model, groups, exempt)
+    decays = weight_decay_by_name(model, groups)
+    # Matrices the old name rule ("embed", "token", "norm") left undecayed: the seg head's attention, the patch
+    # embedding, the token embeddings.
+    for name in ("seg_head.layers.0.token_to_image.in_proj_weight", "seg_head.final_token_to_image.out_proj.weight",
+                 "vision_tower.patch_embedding.patch_embeddings.weight", "language_model.model.embed_tokens.weight"):
+        assert decays[name] == 0.01, name
+
+
+def test_weight_decay_under_lora_keeps_the_exceptions_of_the_copies_peft_trains():
+    model = apply_lora(VoxLMForConditionalGeneration(tiny_voxlm_config()), LoraSettings(r=4, alpha=8, train_vision=True))
+    decays = weight_decay_by_name(model, parameter_groups(model, 0.01))
+    prefix = "base_model.model."
+    exempt = {name for name in decays if name.startswith(prefix) and any(
+        name == f"{prefix}{module}.modules_to_save.default.{rest}"
+        for module, rest in (declared.split(".", 1) for declared in model.get_base_model().no_weight_decay()))}
+    assert len(exempt) == 4
+    shapes = {name: p.dim() for name, p in model.named_parameters()}
+    for name, decay in decays.items():
+        assert decay == (0.01 if shapes[name] >= 2 and name not in exempt else 0.0), name
+    assert any("lora_A" in name and decay == 0.01 for name, decay in decays.items())
+
+
+def test_align_gives_the_row_masked_embeddings_no_weight_decay():
+    model = VoxLMForConditionalGeneration(tiny_voxlm_config())
+    row_masked = freeze_for_align(model)
+    assert row_masked == [model.get_input_embeddings().weight]
+    decays = weight_decay_by_name(model, parameter_groups(model, 0.01, no_decay=row_masked))
+    assert decays == {"language_model.model.embed_tokens.weight": 0.0, "multi_modal_projector.linear_1.weight": 0.01,
+                      "multi_modal_projector.linear_1.bias": 0.0, "multi_modal_projector.linear_2.weight": 0.01,
+                      "multi_modal_projector.linear_2.bias": 0.0}
+
+
+def test_weight_decay_reaches_every_matrix_of_voxclip_but_the_ones_it_declares():
+    from voxlm.modeling import VoxCLIPConfig
+
+    text_config = dict(model_type="bert", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64)
+    config = VoxCLIPConfig(vision_config=tiny_vision_config(), text_config=text_config, projection_dim=16,
+                           mvr_loss_weight=1.0, report_gen_loss_weight=1.0, volume_decoder_hidden_size=16,
+                           volume_decoder_heads=2, volume_decoder_intermediate_size=32)
+    model = VoxCLIPModel(config)
+    exempt = model.no_weight_decay()
+    assert exempt == {"vision_model.cls_token", "vision_model.patch_embedding.position_embeddings",
+                      "volume_decoder.mask_token", "report_decoder.position_embeddings.weight"}
+    assert_matrices_decay_but_the_declared(model, parameter_groups(model, 0.01), exempt)

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def train(settings: MLLMSettings) -> Path:
     """Run the stage; return the folder holding `model/` (merged, loads with `AutoModel`) and, with LoRA, `adapter/`
     (PEFT)."""
-    model, processor, accelerator = train_stage(settings, lambda model: prepare_finetune(model, settings.lora),
+    model, processor, accelerator = train_stage(settings, lambda model: (prepare_finetune(model, settings.lora), []),
                                                 "finetune")
     final = Path(settings.run.output_dir) / "final"
     accelerator.wait_for_everyone()

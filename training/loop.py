@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from voxlm.data.output_folders import replace_or_refuse
 
@@ -32,20 +32,37 @@ from .settings import RunSettings, check_run_settings
 logger = logging.getLogger(__name__)
 
 
+def declared_no_weight_decay(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The matrices that the models within `model` declare exempt from weight decay (their `no_weight_decay()`:
+    learned position embeddings, CLS and mask tokens), found by identity, so through a PEFT wrapper too (its
+    `modules_to_save` copies answer for the modules they wrap)."""
+    exempt = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and hasattr(module, "no_weight_decay"):
+            exempt.update(module.get_parameter(name) for name in module.no_weight_decay())
+    return exempt
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float,
-                     module_learning_rates: dict[str, float] | None = None) -> list[dict]:
-    """Trainable parameters in AdamW groups: without weight decay on biases, norms and embeddings (AdamW convention),
-    and with the learning rate of `module_learning_rates` for those under one of its modules (a name or dotted path
-    found whole within the parameter's name, so under a PEFT wrapper too; the first that matches wins). A module
-    there that holds no trainable parameter raises `ValueError`: the rate would silently apply to nothing."""
+                     module_learning_rates: dict[str, float] | None = None,
+                     no_decay: Iterable[torch.nn.Parameter] = ()) -> list[dict]:
+    """Trainable parameters in AdamW groups.
+
+    Weight decay goes to every matrix (`dim() >= 2`: linear and convolution weights, token embeddings, as nanoGPT and
+    the HF Trainer decay them) and to no vector (biases, norm weights); the exceptions are the matrices the models
+    declare (`declared_no_weight_decay`) and `no_decay`, a stage's own (the align stage's embedding matrix, whose
+    frozen rows AdamW's decoupled decay would shrink too). Parameters under a module of `module_learning_rates` get
+    its learning rate (a name or dotted path found whole within the parameter's name, so under a PEFT wrapper too;
+    the first that matches wins). A module there that holds no trainable parameter raises `ValueError`: the rate
+    would silently apply to nothing."""
     rates = module_learning_rates or {}
+    exempt = declared_no_weight_decay(model) | set(no_decay)
     grouped = {(module, decays): [] for module in [None, *rates] for decays in (True, False)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         module = next((module for module in rates if f".{module}." in f".{name}."), None)
-        is_vector = parameter.dim() < 2 or "embed" in name or "norm" in name or "token" in name
-        grouped[module, not is_vector].append(parameter)
+        grouped[module, parameter.dim() >= 2 and parameter not in exempt].append(parameter)
     empty = [module for module in rates if not grouped[module, True] and not grouped[module, False]]
     if empty:
         raise ValueError(f"run.module_learning_rates names modules with no trainable parameter: {empty}")
@@ -143,6 +160,7 @@ def run_training(
     settings: RunSettings,
     accelerator: Accelerator | None = None,
     stage: str = "train",
+    no_decay: Iterable[torch.nn.Parameter] = (),
 ) -> tuple[torch.nn.Module, list[dict], Accelerator]:
     """Train until `settings.max_steps` optimizer steps.
 
@@ -154,6 +172,7 @@ def run_training(
         settings (`RunSettings`): how to run.
         accelerator (`Accelerator`, *optional*): reuse one (the data split needs its process index first).
         stage (`str`): the name used for the tracker run and the progress bar.
+        no_decay (`Iterable[torch.nn.Parameter]`): trained matrices that get no weight decay (`parameter_groups`).
 
     Returns:
         `(model, history, accelerator)`: the prepared model, the logged loss per optimizer step, and the accelerator.
@@ -168,7 +187,7 @@ def run_training(
     accelerator.wait_for_everyone()
     set_seed(settings.seed)
     apply_speed_settings(model, settings)
-    groups = parameter_groups(model, settings.weight_decay, settings.module_learning_rates)
+    groups = parameter_groups(model, settings.weight_decay, settings.module_learning_rates, no_decay)
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -94,7 +94,8 @@ def lm_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
-    """Build or load the model, let `prepare_trainable(model) -> model` choose what trains, and run the stage.
+    """Build or load the model, let `prepare_trainable(model) -> (model, no_decay)` choose what trains (and which
+    trained matrices must not decay, `parameter_groups`), and run the stage.
 
     Returns:
         `(model, processor, accelerator)`: the trained (prepared) model, its processor and the accelerator.
@@ -104,7 +105,7 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
     # Longer samples are cut to the LLM's context (positions beyond it have no embedding, and memory grows with it).
     context = getattr(model.config.text_config, "max_position_embeddings", None)
     collator = InstructionCollator(processor, max_length=context)
-    model = prepare_trainable(model)
+    model, no_decay = prepare_trainable(model)
     accelerator = build_accelerator(settings.run)
     volume_processor = processor.image_processor
 
@@ -113,7 +114,8 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
         rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, seed)
         return epoch_loader(PreprocessedStream(rows, volume_processor), settings.run, collator, seed)
 
-    model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage)
+    model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage,
+                                         no_decay)
     return model, processor, accelerator
 
 

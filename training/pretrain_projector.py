@@ -18,8 +18,9 @@ from voxlm.training.trainable import freeze_for_align
 
 
 def prepare_for_align(model):
-    freeze_for_align(model)
-    return model
+    """The model with only the projector and the new token rows trainable, and the embedding matrix that must not
+    decay."""
+    return model, freeze_for_align(model)
 
 
 def train(settings: MLLMSettings) -> Path:

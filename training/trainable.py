@@ -20,11 +20,15 @@ def new_token_ids(model: VoxLMForConditionalGeneration) -> list[int]:
     return sorted({token_id for token_id in ids if token_id is not None})
 
 
-def freeze_for_align(model: VoxLMForConditionalGeneration) -> None:
+def freeze_for_align(model: VoxLMForConditionalGeneration) -> list[nn.Parameter]:
     """Train the projector and the rows of the new tokens in the input embeddings; freeze everything else.
 
     The embedding matrix stays one parameter, so a gradient hook zeroes the gradient of every row that is not a new
-    token (the optimizer must use no weight decay on it, which `parameter_groups` ensures).
+    token.
+
+    Returns:
+        `list[nn.Parameter]`: the parameters trained on some rows only (the input embeddings). They must get no weight
+        decay (`parameter_groups(no_decay=...)`): AdamW's decoupled decay would shrink their frozen rows too.
     """
     model.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(True)
@@ -33,6 +37,7 @@ def freeze_for_align(model: VoxLMForConditionalGeneration) -> None:
     row_mask = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
     row_mask[new_token_ids(model)] = 1.0
     embeddings.register_hook(lambda grad: grad * row_mask.to(grad.dtype))
+    return [embeddings]
 
 
 def freeze_text_layers(model: VoxCLIPModel, trainable_layers: int | None) -> None:
