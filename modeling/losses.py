@@ -9,20 +9,32 @@ IGNORE_INDEX = -100
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over the positions whose label is not `IGNORE_INDEX`.
+    """Next-token cross-entropy, averaged over the positions whose label is not `IGNORE_INDEX`, or summed and divided
+    by `num_items_in_batch` (transformers' convention under gradient accumulation: the labelled tokens of every
+    micro-batch of an optimizer step, so that each token weighs the same however the answers fall into micro-batches).
 
     Args:
         logits (`torch.Tensor` of shape `(B, L, V)`, or `(B, K, V)` with `positions`): LM logits.
         labels (`torch.Tensor` of shape `(B, L)`): token ids, `-100` where no loss is wanted; shifted here.
         positions (`torch.LongTensor` of shape `(K,)`, *optional*): the sequence positions that `logits` hold (as
             computed with `logits_to_keep`, see `label_positions`); `None`: every position.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): the divisor of the summed loss; `None`: this
+            batch's labelled tokens.
     """
     if positions is None:
-        return token_cross_entropy(logits[:, :-1], labels[:, 1:].to(logits.device))  # (B, L - 1, V), (B, L - 1)
+        # (B, L - 1, V), (B, L - 1)
+        return token_cross_entropy(logits[:, :-1], labels[:, 1:].to(logits.device), num_items_in_batch)
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, positions.to(labels.device) + 1]  # (B, K): the next token
-    return token_cross_entropy(logits, targets.to(logits.device))
+    return token_cross_entropy(logits, targets.to(logits.device), num_items_in_batch)
+
+
+def num_label_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The tokens `causal_lm_loss` predicts in a batch (`labels (B, L)`: the shifted labels that are not
+    `IGNORE_INDEX`): what `num_items_in_batch` counts."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -40,9 +52,11 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the positions whose label is not `IGNORE_INDEX`; 0 (still attached to the graph)
-    when there is none, as in a batch of image-only rows or an MLM draw that masked nothing.
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                        num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged over the positions whose label is not `IGNORE_INDEX` (or summed and divided by
+    `num_items`); 0 (still attached to the graph) when there is none, as in a batch of image-only rows or an MLM draw
+    that masked nothing.
 
     The MLM loss (MG-3D) and the report-generation loss (COLIPRI) are this function on their own targets.
 
@@ -52,7 +66,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """
     losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="sum")
-    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if num_items is None:
+        num_items = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return losses / num_items
 
 
 def report_generation_labels(

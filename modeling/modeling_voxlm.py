@@ -546,11 +546,13 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         seg_logits: torch.Tensor | None,
         seg_targets: torch.Tensor | None,
         logit_positions: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The LM loss (image positions never count) plus the weighted Dice and BCE losses when masks are given;
-        `logit_positions`: the positions that `logits` hold, when not all."""
+        `logit_positions`: the positions that `logits` hold, when not all; `num_items_in_batch`: see
+        `causal_lm_loss`."""
         labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        losses = {"lm_loss": causal_lm_loss(logits, labels, logit_positions)}
+        losses = {"lm_loss": causal_lm_loss(logits, labels, logit_positions, num_items_in_batch)}
         losses["loss"] = losses["lm_loss"]
         if seg_logits is not None and seg_logits.shape[0] > 0:
             seg = self.config.seg_config
@@ -579,6 +581,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> VoxLMCausalLMOutputWithPast:
@@ -601,6 +604,9 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.LongTensor` of shape `(K,)`, defaults to 0): as in transformers (`0`: all
                 positions); with `labels`, a tensor of positions (training passes `label_positions(labels)`) computes
                 logits, and the LM loss, only there.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): the labelled tokens the LM loss is divided by
+                (summed, not averaged over this batch): under gradient accumulation, those of every micro-batch of
+                the step, as the training loop and the HF `Trainer` pass them.
             return_dict (`bool`, *optional*): accepted for `generate`; the output is always a `ModelOutput`.
             kwargs: passed to the LM, among them the KV cache under the name the installed transformers gives it
                 (`cache` from 5.24 on, `past_key_values` before).
@@ -631,7 +637,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         losses = {}
         if labels is not None:
             logit_positions = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else None
-            losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets, logit_positions)
+            losses = self.compute_loss(lm_outputs.logits, labels, input_ids, seg_logits, seg_targets, logit_positions,
+                                       num_items_in_batch)
         lm_fields = dict(lm_outputs)  # logits, the cache, hidden states, attentions: as the installed LM names them
         if not output_hidden_states:
             lm_fields.pop("hidden_states", None)  # computed only for the seg head

@@ -53,7 +53,8 @@ def test_align_config_builds_the_voxlm_its_model_section_names(tmp_path, minilm_
 
     save_demo_voxclip(tmp_path / "clip", minilm_dir)
     section = shipped("align_phantoms.yaml")["model"]
-    settings = load_settings(MLLMSettings, CONFIGS / "align_phantoms.yaml", {"pretrained.vision": str(tmp_path / "clip")})
+    settings = load_settings(MLLMSettings, CONFIGS / "align_phantoms.yaml",
+                             {"pretrained.vision": str(tmp_path / "clip")})
     model, processor = build_voxlm(settings.pretrained, settings.model, settings.processor)
     assert_config_holds(model.config, section)
     # The encoder (and so vision_config) is the pretrained VoxCLIP's; the LLM's config is the random tiny Llama's.
@@ -81,9 +82,10 @@ def test_init_from_with_a_model_section_is_refused():
 def test_image_size_at_the_top_of_the_model_section_names_its_place():
     """The old `ModelSettings(image_size=..., vision_config={"image_size": ...})` ended in a bare TypeError."""
     model = {"image_size": [16, 64, 64], "vision_config": {"image_size": [16, 64, 64]}}
-    with pytest.raises(ValueError, match=r"model\.image_size is not a VoxLMConfig field.*model\.vision_config\.image_size"):
+    message = r"model\.image_size is not a {} field.*model\.vision_config\.image_size"
+    with pytest.raises(ValueError, match=message.format("VoxLMConfig")):
         build_voxlm(PretrainedParts(llm="tiny-llama"), model)
-    with pytest.raises(ValueError, match=r"model\.image_size is not a VoxCLIPConfig field.*model\.vision_config\.image_size"):
+    with pytest.raises(ValueError, match=message.format("VoxCLIPConfig")):
         train_clip.build_clip(train_clip.ClipPretrainedParts(), model)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from voxlm.data.output_folders import replace_or_refuse
+from voxlm.modeling.losses import num_label_tokens
 
 from .checkpoints import resume, save_checkpoint
 from .settings import RunSettings, check_run_settings
@@ -149,6 +150,21 @@ def epoch_loader(samples, settings: RunSettings, collate_fn, seed: int) -> torch
                                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
+def with_label_token_counts(window: list[tuple[dict, float]], accelerator: Accelerator) -> list[tuple[dict, float]]:
+    """The micro-batches of one optimizer step, each given `num_items_in_batch` when they carry `labels` (the causal
+    LM stages): the step's labelled tokens, over all processes, per micro-batch and process. The LM loss sums its
+    tokens and divides by it, so that after Accelerate's division by the accumulation steps and DDP's mean over
+    processes every token of the step weighs the same (transformers' convention), instead of every micro-batch."""
+    if not all("labels" in batch for batch, _ in window):
+        return window
+    tokens = sum(num_label_tokens(batch["labels"]) * (loss_weight > 0) for batch, loss_weight in window)
+    tokens = torch.as_tensor(tokens, dtype=torch.float32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        tokens = accelerator.reduce(tokens, reduction="sum")
+    per_micro_batch = tokens.clamp(min=1) / (len(window) * accelerator.num_processes)
+    return [({**batch, "num_items_in_batch": per_micro_batch}, loss_weight) for batch, loss_weight in window]
+
+
 def move_to(batch: dict, device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
@@ -201,28 +217,34 @@ def run_training(
     bad_rows = BadRowTally(settings.max_bad_fraction)
     progress = tqdm(total=settings.max_steps, initial=step, desc=stage, disable=not accelerator.is_main_process)
     model.train()
-    micro_batch = 0
-    last_batch = None
-    for epoch in count():
-        if step >= settings.max_steps:
-            break
-        seen_in_epoch = 0
-        for batch in batches_for_epoch(epoch):
-            good_rows = len(batch["input_ids"]) if "input_ids" in batch else 0
-            bad_rows.add(batch.pop("bad_rows", {}), good_rows)
-            loss_weight = 1.0
-            if good_rows == 0:  # every row of this batch was bad
-                if accelerator.num_processes == 1 or last_batch is None:
-                    continue
-                # The other processes step on this micro-batch: keep DDP's collectives in step with a weightless one.
-                batch, loss_weight = last_batch, 0.0
-            last_batch = batch
-            if micro_batch < consumed:  # resuming: these batches were trained on before the checkpoint
+
+    def micro_batches():
+        """`(batch, loss_weight)` over epochs, after the `consumed` micro-batches of a resumed run."""
+        micro_batch = 0
+        last_batch = None
+        for epoch in count():
+            seen_in_epoch = 0
+            for batch in batches_for_epoch(epoch):
+                good_rows = len(batch["input_ids"]) if "input_ids" in batch else 0
+                bad_rows.add(batch.pop("bad_rows", {}), good_rows)
+                loss_weight = 1.0
+                if good_rows == 0:  # every row of this batch was bad
+                    if accelerator.num_processes == 1 or last_batch is None:
+                        continue
+                    # The other processes step on this micro-batch: a weightless one keeps DDP's collectives in step.
+                    batch, loss_weight = last_batch, 0.0
+                last_batch = batch
                 micro_batch += 1
                 seen_in_epoch += 1
-                continue
-            micro_batch += 1
-            seen_in_epoch += 1
+                if micro_batch > consumed:  # resuming: the earlier ones were trained on before the checkpoint
+                    yield batch, loss_weight
+            if seen_in_epoch == 0:
+                raise ValueError(f"{stage}: the training data of this process is empty; nothing to train on")
+
+    stream = micro_batches()
+    while step < settings.max_steps:
+        window = [next(stream) for _ in range(settings.gradient_accumulation_steps)]  # one optimizer step's
+        for batch, loss_weight in with_label_token_counts(window, accelerator):
             with accelerator.accumulate(model):
                 loss, logs = train_step(model, move_to(batch, accelerator.device))
                 accelerator.backward(loss * loss_weight)
@@ -231,25 +253,20 @@ def run_training(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            record = {"step": step, "loss": loss.detach().float().item(), "lr": scheduler.get_last_lr()[0]}
-            record.update({key: float(value) for key, value in logs.items()})
-            history.append(record)
-            if accelerator.is_main_process:
-                with open(history_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            if settings.tracker and (step % settings.log_every == 0 or step == 1):
-                accelerator.log(record, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-            if settings.checkpoint_every and step % settings.checkpoint_every == 0:
-                save_checkpoint(accelerator, step)
-            if step >= settings.max_steps:
-                break
-        if seen_in_epoch == 0:
-            raise ValueError(f"{stage}: the training data of this process is empty; nothing to train on")
+        step += 1
+        record = {"step": step, "loss": loss.detach().float().item(), "lr": scheduler.get_last_lr()[0]}
+        record.update({key: float(value) for key, value in logs.items()})
+        history.append(record)
+        if accelerator.is_main_process:
+            with open(history_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if settings.tracker and (step % settings.log_every == 0 or step == 1):
+            accelerator.log(record, step=step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            save_checkpoint(accelerator, step)
+    stream.close()
     progress.close()
     if bad_rows.counts:
         logger.warning("%s: %d of the %d rows seen could not be used and were skipped (%s)", stage, bad_rows.bad,

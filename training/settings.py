@@ -1,5 +1,5 @@
-"""The settings of a training stage: YAML files (with YAML 1.2's floats) read into nested dataclasses, `section.key=value`
-overrides from the command line, `RunSettings` (how a stage runs), and the `model` section checked against the model
+"""The settings of a training stage: YAML files (with YAML 1.2's floats) read into nested dataclasses,
+`section.key=value` overrides from the command line, `RunSettings` (how a stage runs), and the `model` section checked against the model
 config it is made of.
 
 A stage's YAML has a `model:` section that holds the model config's own keyword arguments (`VoxLMConfig`,
