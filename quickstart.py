@@ -80,7 +80,7 @@ def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_sample
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
     import voxlm  # noqa: F401
-    from voxlm.evaluation.cli import held_out_samples
+    from voxlm.data.held_out import held_out_samples
     from voxlm.evaluation.runner import evaluate_closed_vqa, evaluate_retrieval, evaluate_segmentation
 
     def held_out(task: str, limit: int | None) -> list[dict]:

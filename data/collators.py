@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections import Counter
 
 import torch
@@ -11,6 +13,12 @@ from transformers import DataCollatorForLanguageModeling
 from voxlm.processing import VoxLMProcessor
 
 logger = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, rows: list[dict]) -> int:
+    """A seed for a batch's random draws from `seed` and its rows' ids: the same rows draw the same masks however
+    many batches came before them (a resumed run collates only the batches after its checkpoint)."""
+    return zlib.crc32(json.dumps([seed, [str(row.get("id")) for row in rows]]).encode())
 
 
 def bad_rows_of(samples: list[dict]) -> Counter:
@@ -27,8 +35,9 @@ class ContrastiveCollator:
     10% by a random token, 10% kept; labels `-100` elsewhere). With `num_patches` it adds `patch_noise (B, N)`, the
     uniform noise from which VoxCLIP picks the masked patches of its reconstruction terms.
 
-    Both draws use the collator's own generators, so a resumed run that re-collates the batches it skips draws the
-    same masks as an uninterrupted one.
+    Both draws are seeded by `seed` and the ids of the batch's rows (`batch_seed`), not by a stream of earlier draws,
+    so a resumed run that skips the batches before its checkpoint (never collating them) draws the same masks as an
+    uninterrupted one.
 
     With `studies` (a [`StudyCollator`]) the samples are study rows instead: it samples each study's series and
     report-sentence order (HLIP) and gives `pixel_values (B, S, C, D, H, W)` and `scan_mask (B, S)`; the reports it
@@ -40,7 +49,7 @@ class ContrastiveCollator:
         mlm_probability (`float`, defaults to 0.0): share of report tokens masked for MLM; 0 adds no MLM inputs.
         num_patches (`int`, *optional*): the encoder's patch count (`vision_config.num_patches`) when a masked-volume
             term is on; `None` adds no patch noise.
-        seed (`int`, defaults to 0): seeds both generators.
+        seed (`int`, defaults to 0): seeds both draws (with the rows' ids).
         studies (`StudyCollator`, *optional*): collate study rows (`voxlm.data.studies`) rather than
             preprocessed volumes; the masked-volume terms reconstruct single volumes, so it excludes `num_patches`.
     """
@@ -53,11 +62,9 @@ class ContrastiveCollator:
             raise ValueError("`num_patches` (masked-volume terms) works on single volumes, not on `studies`")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.masker = None
-        if mlm_probability > 0:
-            self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
+        self.mlm_probability = mlm_probability
         self.num_patches = num_patches
-        self.patch_generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.studies = studies
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -68,7 +75,8 @@ class ContrastiveCollator:
             images = self.studies(samples)  # pixel_values (B, S, C, D, H, W), scan_mask (B, S), sampled reports
             reports = [report or "" for report in images.pop("reports")]
         text = self.tokenizer(reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                              return_special_tokens_mask=self.masker is not None)
+                              return_special_tokens_mask=self.mlm_probability > 0)
+        seed = batch_seed(self.seed, samples)
         batch = {
             **images,
             "input_ids": text["input_ids"],
@@ -76,12 +84,14 @@ class ContrastiveCollator:
             "has_report": torch.tensor([bool(report) for report in reports]),
             "bad_rows": dict(bad_rows_of(samples)),
         }
-        if self.masker is not None:
-            masked = self.masker([{"input_ids": ids, "special_tokens_mask": special}
-                                  for ids, special in zip(text["input_ids"], text["special_tokens_mask"])])
+        if self.mlm_probability > 0:
+            masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability, seed=seed)
+            masked = masker([{"input_ids": ids, "special_tokens_mask": special}
+                             for ids, special in zip(text["input_ids"], text["special_tokens_mask"])])
             batch["mlm_input_ids"], batch["mlm_labels"] = masked["input_ids"], masked["labels"]
         if self.num_patches is not None:
-            batch["patch_noise"] = torch.rand(len(samples), self.num_patches, generator=self.patch_generator)
+            generator = torch.Generator().manual_seed(seed)
+            batch["patch_noise"] = torch.rand(len(samples), self.num_patches, generator=generator)
         return batch
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from contextlib import contextmanager
+from itertools import islice
 
 import datasets.config
 import pyarrow as pa
@@ -107,7 +108,8 @@ def preprocess_row(row: dict, processor: VoxVolumeProcessor) -> dict:
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
-    """Rows of a streaming dataset, decoded and preprocessed where they are iterated (in each DataLoader worker).
+    """Rows of a streaming dataset, decoded and preprocessed where they are iterated (in each DataLoader worker), or
+    passed on whole when there is no processor (study rows, which their collator decodes series by series).
 
     A row that cannot be decoded or preprocessed is skipped and logged; the next sample that is yielded carries the
     skips since the previous one as `bad_rows_before` (`{kind: count}`), so that the collators and the training loop
@@ -115,18 +117,23 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
 
     Args:
         rows (`datasets.IterableDataset`): from `stream_rows`.
-        processor (`VoxVolumeProcessor`): the model's volume processor.
+        processor (`VoxVolumeProcessor`, *optional*): the model's volume processor; `None` yields the rows as they are.
         limit (`int`, *optional*): stop after this many good samples (per worker).
+        skip_rows (`list[int]`, *optional*): the rows of each DataLoader worker's stream (one entry per worker, or
+            one for the main process) to skip without decoding them: those a resumed run trained on before its
+            checkpoint (`voxlm.training.loop.DataPosition`).
 
     Attributes:
         skipped (`int`): rows skipped in this process (counted per worker when workers are used).
     """
 
-    def __init__(self, rows, processor: VoxVolumeProcessor, limit: int | None = None):
+    def __init__(self, rows, processor: VoxVolumeProcessor | None, limit: int | None = None,
+                 skip_rows: list[int] | None = None):
         super().__init__()
         self.rows = rows
         self.processor = processor
         self.limit = limit
+        self.skip_rows = skip_rows
         self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -137,6 +144,9 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
         with short_stream_close_sleep():
             rows = iter(self.rows)
             try:
+                if self.skip_rows:
+                    worker = torch.utils.data.get_worker_info()
+                    rows = islice(rows, self.skip_rows[worker.id if worker else 0], None)
                 yield from self.preprocessed(rows)
             finally:
                 # Close the row stream here, inside the block, rather than whenever it is garbage collected.
@@ -157,6 +167,9 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
                 logger.error("The row stream broke after %d samples (%s: %s); the rest of this pass over the data is "
                              "skipped: check the dataset's shards", produced, type(error).__name__, error)
                 return
+            if self.processor is None:
+                yield row
+                continue
             try:
                 sample = preprocess_row(row, self.processor)
             except BadRowError as error:

@@ -15,6 +15,7 @@ import torch
 
 from voxlm.processing import pad_studies
 
+from .collators import batch_seed
 from .hub_format import StudyError, decode_array
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -95,16 +96,19 @@ class StudyCollator:
     Args:
         processor (`VoxVolumeProcessor`): turns each series into a tensor.
         sampling (`StudySampling`): the per-sample series cap and randomisation.
-        seed (`int`, *optional*): seeds the sampling stream (reproducible epochs); `None` draws fresh entropy.
+        seed (`int`, *optional*): seeds each batch's sampling with its rows' ids (`batch_seed`: reproducible epochs,
+            and a resumed run samples the batches after its checkpoint as an uninterrupted one); `None` draws fresh
+            entropy.
     """
 
     def __init__(self, processor, sampling: StudySampling | None = None, seed: int | None = None):
         self.processor = processor
         self.sampling = sampling or StudySampling()
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
     def __call__(self, rows: list[dict]) -> dict:
-        samples = [sample_study(row, self.sampling, self.rng) for row in rows]
+        rng = np.random.default_rng(None if self.seed is None else batch_seed(self.seed, rows))
+        samples = [sample_study(row, self.sampling, rng) for row in rows]
         studies = [series_pixel_values(sample["series"], self.processor) for sample in samples]
         pixel_values, scan_mask = pad_studies(studies)  # (B, S, C, D, H, W), (B, S)
         return dict(pixel_values=pixel_values, scan_mask=scan_mask, reports=[sample["report"] for sample in samples])

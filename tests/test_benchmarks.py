@@ -205,7 +205,7 @@ def test_compile_trains_on_cpu(tmp_path):
     settings = RunSettings(output_dir=str(tmp_path), max_steps=3, batch_size=2, tracker=None, compile=True,
                            gradient_checkpointing=True)
     model, history, accelerator = run_training(
-        model, lambda epoch: batches, lambda m, b: (m(b["pixel_values"]).last_hidden_state.square().mean(), {}),
+        model, lambda epoch, skip_rows: batches, lambda m, b: (m(b["pixel_values"]).last_hidden_state.square().mean(), {}),
         settings)
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert type(accelerator.unwrap_model(model)) is VoxViTModel

@@ -173,7 +173,7 @@ def test_a_corrupt_model_file_ends_predict_with_a_message(align_run, tmp_path):
 
 
 def test_evaluate_refuses_to_score_no_samples():
-    from voxlm.evaluation.cli import held_out_samples
+    from voxlm.data.held_out import held_out_samples
 
     with pytest.raises(ValueError, match="limit must be at least 1 sample, got 0"):
         held_out_samples("unused", "vqa-closed", None, limit=0)

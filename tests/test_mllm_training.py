@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 import voxlm  # noqa: F401
+from voxlm.data import write_phantom_dataset
 from voxlm.training import finetune, pretrain_projector
 from voxlm.training.assemble import PretrainedParts, build_voxlm
-from voxlm.data import write_phantom_dataset
-from voxlm.training.settings import parse_overrides
 from voxlm.training.mllm import MLLMSettings, lm_train_step
+from voxlm.training.settings import parse_overrides
 from voxlm.training.trainable import LoraSettings, apply_lora
 
 TINY_MODEL = [
@@ -134,19 +134,29 @@ def test_two_process_finetune_saves_a_checkpoint_that_loads(stages, tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path / "final" / "model")).__name__ == "VoxLMForConditionalGeneration"
 
 
-def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path):
+def test_resumed_finetune_continues_the_same_loss_curve(stages, tmp_path, monkeypatch):
     """A LoRA fine-tuning run with a task mix and segmentation, stopped after step 2 (its checkpoint at step 2 without
     the later one), resumes on the losses of the run that went straight through: model, optimizer, schedule, the
-    mix's draws, the stream's position and the RNG of LoRA's dropout (on, at its default) all come back."""
+    mix's draws, the stream's position and the RNG of LoRA's dropout (on, at its default) all come back. The resumed
+    run decodes only the rows it trains on: those before the checkpoint are skipped undecoded."""
+    from voxlm.data import streaming
+
     root, aligned, _ = stages
     common = [f"init_from={aligned}", f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null",
               "run.max_steps=4", "run.checkpoint_every=2", "lora.r=4", "lora.alpha=8",
               "data.tasks={vqa: 0.5, seg: 0.5}"]
+    decoded = []
+    preprocess_row = streaming.preprocess_row
+    monkeypatch.setattr(streaming, "preprocess_row", lambda row, processor: decoded.append(row["id"]) or
+                        preprocess_row(row, processor))
     finetune.train(settings([*common, f"run.output_dir={tmp_path / 'straight'}"]))
+    straight_rows, decoded[:] = list(decoded), []
     stopped = tmp_path / "stopped"
     shutil.copytree(tmp_path / "straight" / "checkpoints", stopped / "checkpoints")
     shutil.rmtree(stopped / "checkpoints" / "checkpoint_1")
     finetune.train(settings([*common, f"run.output_dir={stopped}", "run.resume=true"]))
+    # The rows of steps 3 and 4 (2 per step) and no others: the straight run's last four.
+    assert len(straight_rows) == 8 and decoded == straight_rows[4:], (decoded, straight_rows)
 
     def losses(folder):
         return {(record := json.loads(line))["step"]: record["loss"]

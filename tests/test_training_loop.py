@@ -22,7 +22,7 @@ def one_step(model, batches: list[dict], accumulation: int, output_dir) -> dict[
     """The parameters after one optimizer step over `batches` (the step's micro-batches)."""
     settings = RunSettings(output_dir=str(output_dir), max_steps=1, gradient_accumulation_steps=accumulation,
                            learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, tracker=None)
-    trained, _, accelerator = run_training(copy.deepcopy(model), lambda epoch: [dict(b) for b in batches],
+    trained, _, accelerator = run_training(copy.deepcopy(model), lambda epoch, skip_rows: [dict(b) for b in batches],
                                            lm_train_step, settings, stage="step")
     return {name: p.detach().clone() for name, p in accelerator.unwrap_model(trained).named_parameters()}
 

@@ -434,9 +434,14 @@ def test_collator_marks_image_only_rows_and_masks_reports_the_bert_way(minilm_di
     again = ContrastiveCollator(tokenizer, mlm_probability=0.15, seed=3)(samples)
     assert torch.equal(again["mlm_input_ids"], masked)
     noisy = ContrastiveCollator(tokenizer, num_patches=64, seed=3)
-    first, second = noisy(samples)["patch_noise"], noisy(samples)["patch_noise"]
-    assert first.shape == (4, 64) and not torch.equal(first, second)  # a new draw per batch ...
-    assert torch.equal(ContrastiveCollator(tokenizer, num_patches=64, seed=3)(samples)["patch_noise"], first)  # seeded
+    rows = [{**sample, "id": f"row-{index}"} for index, sample in enumerate(samples)]
+    others = [{**sample, "id": f"row-{index + 4}"} for index, sample in enumerate(samples)]
+    first, second = noisy(rows)["patch_noise"], noisy(others)["patch_noise"]
+    assert first.shape == (4, 64) and not torch.equal(first, second)  # a new draw for each batch of other rows ...
+    # ... that depends on the seed and the rows only, not on the batches drawn before (a resumed run skips those).
+    assert torch.equal(noisy(rows)["patch_noise"], first)
+    assert torch.equal(ContrastiveCollator(tokenizer, num_patches=64, seed=3)(rows)["patch_noise"], first)
+    assert not torch.equal(ContrastiveCollator(tokenizer, num_patches=64, seed=4)(rows)["patch_noise"], first)
 
 
 def test_rows_without_a_report_stream_and_collate_as_image_only(tmp_path, minilm_dir):

@@ -4,6 +4,8 @@ A checkpoint is Accelerate's `save_state` folder (`checkpoints/checkpoint_<n>`: 
 and schedule as torch tensor files, which Accelerate reads with `weights_only=True`) with two changes:
 
 - the random states are JSON (`rng_state_<rank>.json`) instead of Accelerate's pickled `random_states_<rank>.pkl`;
+- `data_position_<rank>.json` says where each process is in its training stream (the loop's `DataPosition`), so a
+  resumed run skips the rows already trained on without decoding them;
 - `voxlm_state.json` holds the optimizer step and is written last, once every process has saved, so a folder without
   it is a save that was interrupted.
 
@@ -68,12 +70,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_checkpoint(accelerator: Accelerator, step: int) -> Path:
-    """Save a resumable checkpoint of the prepared objects at optimizer step `step`; returns its folder."""
+def save_checkpoint(accelerator: Accelerator, step: int, data_position: dict) -> Path:
+    """Save a resumable checkpoint of the prepared objects at optimizer step `step`, with this process's position in
+    its data (a JSON-ready dict); returns its folder."""
     folder = Path(accelerator.save_state())
     rank = accelerator.process_index
     (folder / f"random_states_{rank}.pkl").unlink(missing_ok=True)
     (folder / f"rng_state_{rank}.json").write_text(json.dumps(rng_state()))
+    (folder / f"data_position_{rank}.json").write_text(json.dumps(data_position))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder / STATE_FILE).write_text(json.dumps({"step": step}))
@@ -81,15 +85,16 @@ def save_checkpoint(accelerator: Accelerator, step: int) -> Path:
     return folder
 
 
-def _load(accelerator: Accelerator, folder: Path) -> int:
+def _load(accelerator: Accelerator, folder: Path) -> tuple[int, dict]:
     pickles = sorted(path.name for path in folder.glob("*.pkl"))
     if pickles:
         raise CheckpointError(f"it holds {', '.join(pickles)}: pickles, which voxlm never writes and never loads")
     try:
         step = int(json.loads((folder / STATE_FILE).read_text())["step"])
         rng = json.loads((folder / f"rng_state_{accelerator.process_index}.json").read_text())
+        data_position = json.loads((folder / f"data_position_{accelerator.process_index}.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"its {STATE_FILE} or random state cannot be read ({error})") from error
+        raise CheckpointError(f"its {STATE_FILE}, random state or data position cannot be read ({error})") from error
     try:
         accelerator.load_state(str(folder))
     except pickle.UnpicklingError as error:
@@ -99,19 +104,20 @@ def _load(accelerator: Accelerator, folder: Path) -> int:
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{type(error).__name__}: {first_line}") from error
     set_rng_state(rng)
-    return step
+    return step, data_position
 
 
-def resume(accelerator: Accelerator, output_dir: str | Path) -> int:
-    """Load the newest checkpoint of `output_dir` that loads, falling back over broken ones; returns its step (0 when
-    the run has no checkpoint yet). New checkpoints are numbered after every existing folder, so none is overwritten.
+def resume(accelerator: Accelerator, output_dir: str | Path) -> tuple[int, dict | None]:
+    """Load the newest checkpoint of `output_dir` that loads, falling back over broken ones; returns its step and this
+    process's data position (`(0, None)` when the run has no checkpoint yet). New checkpoints are numbered after every
+    existing folder, so none is overwritten.
 
     Raises:
         `CheckpointError`: checkpoints exist but none can be loaded.
     """
     folders = checkpoint_folders(output_dir)
     if not folders:
-        return 0
+        return 0, None
     accelerator.project_configuration.iteration = int(CHECKPOINT_PATTERN.match(folders[-1].name)[1]) + 1
     problems = []
     for folder in reversed(folders):
@@ -119,11 +125,11 @@ def resume(accelerator: Accelerator, output_dir: str | Path) -> int:
             problems.append(f"{folder.name}: incomplete (its save was interrupted)")
             continue
         try:
-            step = _load(accelerator, folder)
+            step, data_position = _load(accelerator, folder)
         except CheckpointError as error:
             problems.append(f"{folder.name}: {error}")
             logger.warning("Cannot resume from %s: %s; trying an older checkpoint", folder, error)
             continue
         logger.info("Resumed from %s at step %d", folder, step)
-        return step
+        return step, data_position
     raise CheckpointError(f"{output_dir}: no checkpoint can be resumed from: {'; '.join(problems)}")

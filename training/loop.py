@@ -15,6 +15,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
@@ -131,15 +132,44 @@ class BadRowTally:
     def bad(self) -> int:
         return sum(count for kind, count in self.counts.items() if kind != "truncated")
 
+    @staticmethod
+    def rows_of(bad_rows: dict, good: int) -> int:
+        """The stream's rows a batch took: its good rows and the bad ones it left out (truncated rows are good)."""
+        return good + sum(count for kind, count in bad_rows.items() if kind != "truncated")
+
     def add(self, bad_rows: dict, good: int) -> None:
         self.counts.update(bad_rows)
-        self.seen += good + sum(count for kind, count in bad_rows.items() if kind != "truncated")
+        self.seen += self.rows_of(bad_rows, good)
         if self.seen >= MIN_ROWS_FOR_BAD_FRACTION and self.bad > self.max_fraction * self.seen:
             raise ValueError(f"{self.bad} of the {self.seen} rows seen could not be used ({self.describe()}), more "
                              f"than run.max_bad_fraction={self.max_fraction}; fix the data or raise the setting")
 
     def describe(self) -> str:
         return ", ".join(f"{kind} {count}" for kind, count in sorted(self.counts.items())) or "none"
+
+
+@dataclass
+class DataPosition:
+    """Where a process is in its training stream, saved with each checkpoint so that a resumed run skips the rows it
+    trained on without decoding, preprocessing or collating them.
+
+    The DataLoader's workers (`run.num_workers`, one stream when 0) take turns, one batch each. `rows` holds the rows
+    each worker's stream gave to the batches of the complete turns so far (good and bad rows alike), which the
+    resumed stream skips; the `partial` batches of an unfinished turn cannot be skipped that way (the resumed
+    DataLoader starts its turns at worker 0), so they are drawn again and dropped: at most `num_workers - 1`.
+
+    Args:
+        epoch (`int`): the epoch.
+        rows (`list[int]`): rows per worker in the complete turns of this epoch.
+        partial (`int`): batches drawn since the last complete turn.
+        bad_rows (`dict[str, int]`), rows_seen (`int`): the run's `BadRowTally` so far.
+    """
+
+    epoch: int = 0
+    rows: list[int] = field(default_factory=list)
+    partial: int = 0
+    bad_rows: dict = field(default_factory=dict)
+    rows_seen: int = 0
 
 
 def epoch_loader(samples, settings: RunSettings, collate_fn, seed: int) -> torch.utils.data.DataLoader:
@@ -171,7 +201,7 @@ def move_to(batch: dict, device) -> dict:
 
 def run_training(
     model: torch.nn.Module,
-    batches_for_epoch: Callable[[int], Iterable[dict]],
+    batches_for_epoch: Callable[[int, list[int]], Iterable[dict]],
     train_step: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
     settings: RunSettings,
     accelerator: Accelerator | None = None,
@@ -182,8 +212,9 @@ def run_training(
 
     Args:
         model (`torch.nn.Module`): what to train (its `requires_grad` flags say which parameters).
-        batches_for_epoch (`Callable[[int], Iterable[dict]]`): this process's batches for an epoch, deterministic per
-            epoch (so a resumed run sees the same batches).
+        batches_for_epoch (`Callable[[int, list[int]], Iterable[dict]]`): `(epoch, skip_rows)` -> this process's
+            batches for an epoch, deterministic per epoch (so a resumed run sees the same batches), after skipping the
+            first `skip_rows[w]` rows of DataLoader worker `w`'s stream undecoded (`PreprocessedStream(skip_rows=)`).
         train_step (`Callable`): `(model, batch) -> (loss, logs)`, the stage's own step.
         settings (`RunSettings`): how to run.
         accelerator (`Accelerator`, *optional*): reuse one (the data split needs its process index first).
@@ -207,26 +238,41 @@ def run_training(
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step = resume(accelerator, settings.output_dir) if settings.resume else 0
+    step, saved_position = resume(accelerator, settings.output_dir) if settings.resume else (0, None)
     if settings.tracker:
         accelerator.init_trackers(stage, config=tracker_config(settings))
     history_path = Path(settings.output_dir) / f"{stage}_history.jsonl"
     history_path.parent.mkdir(parents=True, exist_ok=True)
     history = []
-    consumed = step * settings.gradient_accumulation_steps  # micro-batches already trained on
+    workers = max(1, settings.num_workers)
+    start = DataPosition(**saved_position) if saved_position else DataPosition(rows=[0] * workers)
+    if len(start.rows) != workers:
+        raise ValueError(f"run.num_workers={settings.num_workers}, but the checkpoint's stream position is for "
+                         f"{len(start.rows)} DataLoader stream(s): resume with the run's own run.num_workers")
     bad_rows = BadRowTally(settings.max_bad_fraction)
+    bad_rows.counts.update(start.bad_rows)
+    bad_rows.seen = start.rows_seen
+    position = start  # updated as batches are drawn: what the next checkpoint saves
     progress = tqdm(total=settings.max_steps, initial=step, desc=stage, disable=not accelerator.is_main_process)
     model.train()
 
     def micro_batches():
-        """`(batch, loss_weight)` over epochs, after the `consumed` micro-batches of a resumed run."""
-        micro_batch = 0
+        """`(batch, loss_weight)` over epochs, from `start` on; keeps `position` at the last batch yielded."""
+        nonlocal position
         last_batch = None
-        for epoch in count():
-            seen_in_epoch = 0
-            for batch in batches_for_epoch(epoch):
-                good_rows = len(batch["input_ids"]) if "input_ids" in batch else 0
-                bad_rows.add(batch.pop("bad_rows", {}), good_rows)
+        for epoch in count(start.epoch):
+            resumed = start if epoch == start.epoch else DataPosition(epoch=epoch, rows=[0] * workers)
+            done, turn, drawn = list(resumed.rows), [0] * workers, 0
+            for batch in batches_for_epoch(epoch, list(resumed.rows)):
+                batch_bad_rows = batch.pop("bad_rows", {})
+                good_rows = next((len(batch[key]) for key in ("input_ids", "pixel_values") if key in batch), 0)
+                turn[drawn % workers] += BadRowTally.rows_of(batch_bad_rows, good_rows)
+                drawn += 1
+                if drawn % workers == 0:
+                    done, turn = [d + t for d, t in zip(done, turn)], [0] * workers
+                if drawn <= resumed.partial:  # trained on before the checkpoint: drawn again only to keep the turns
+                    continue
+                bad_rows.add(batch_bad_rows, good_rows)
                 loss_weight = 1.0
                 if good_rows == 0:  # every row of this batch was bad
                     if accelerator.num_processes == 1 or last_batch is None:
@@ -234,11 +280,9 @@ def run_training(
                     # The other processes step on this micro-batch: a weightless one keeps DDP's collectives in step.
                     batch, loss_weight = last_batch, 0.0
                 last_batch = batch
-                micro_batch += 1
-                seen_in_epoch += 1
-                if micro_batch > consumed:  # resuming: the earlier ones were trained on before the checkpoint
-                    yield batch, loss_weight
-            if seen_in_epoch == 0:
+                position = DataPosition(epoch, done, drawn % workers, dict(bad_rows.counts), bad_rows.seen)
+                yield batch, loss_weight
+            if drawn == 0 and not any(resumed.rows):
                 raise ValueError(f"{stage}: the training data of this process is empty; nothing to train on")
 
     stream = micro_batches()
@@ -265,7 +309,7 @@ def run_training(
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}")
         if settings.checkpoint_every and step % settings.checkpoint_every == 0:
-            save_checkpoint(accelerator, step)
+            save_checkpoint(accelerator, step, dataclasses.asdict(position))
     stream.close()
     progress.close()
     if bad_rows.counts:

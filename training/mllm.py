@@ -109,10 +109,11 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
     accelerator = build_accelerator(settings.run)
     volume_processor = processor.image_processor
 
-    def batches_for_epoch(epoch: int):
+    def batches_for_epoch(epoch: int, skip_rows: list[int]):
         seed = settings.run.seed + epoch
         rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, seed)
-        return epoch_loader(PreprocessedStream(rows, volume_processor), settings.run, collator, seed)
+        return epoch_loader(PreprocessedStream(rows, volume_processor, skip_rows=skip_rows), settings.run, collator,
+                            seed)
 
     model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage,
                                          no_decay)

@@ -200,14 +200,14 @@ def train(settings: ClipSettings) -> Path:
     mlm_probability = data.mlm_probability if model.config.mlm_loss_weight > 0 else 0.0
     num_patches = model.config.vision_config.num_patches if model.config.builds_volume_decoder else None
 
-    def batches_for_epoch(epoch: int):
+    def batches_for_epoch(epoch: int, skip_rows: list[int]):
         seed = settings.run.seed + epoch
         rows = clip_rows(data, accelerator.process_index, accelerator.num_processes, seed)
         # A collator per epoch and process: its masks (and study samples) depend only on the batches of this epoch.
         collator = clip_collator(data, processor, tokenizer, mlm_probability, num_patches,
                                  seed=seed * accelerator.num_processes + accelerator.process_index)
         # Study rows go to the collator whole: it samples their series and preprocesses each with its window.
-        samples = rows if data.config == "study" else PreprocessedStream(rows, processor)
+        samples = PreprocessedStream(rows, None if data.config == "study" else processor, skip_rows=skip_rows)
         return epoch_loader(samples, settings.run, collator, seed)
 
     model, _, accelerator = run_training(model, batches_for_epoch, clip_train_step, settings.run, accelerator,
