@@ -8,9 +8,9 @@ import logging
 import platform
 import sys
 
-from voxlm import inference
 from voxlm.evaluation import cli as evaluation_cli
 from voxlm import quickstart
+from voxlm.commands import classify, predict, retrieve
 from voxlm.training import finetune, pretrain_projector, scaling, train_clip
 from voxlm.data import phantom_dataset
 
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in (train_clip, pretrain_projector, finetune, scaling):
         stage.add_parser(stages)
     finetune.add_merge_parser(subparsers)
-    inference.add_parsers(subparsers)
+    for module in (predict, retrieve, classify):
+        module.add_parser(subparsers)
     subparsers.add_parser("env", help="print the versions of Python and the installed releases, for a bug report"
                           ).set_defaults(func=print_environment)
     return parser
