@@ -11,7 +11,7 @@ import sys
 from voxlm.evaluation import cli as evaluation_cli
 from voxlm import quickstart
 from voxlm.commands import classify, predict, retrieve
-from voxlm.training import finetune, pretrain_projector, scaling, train_clip
+from voxlm.training import finetune, merge_lora, pretrain_projector, scaling, train_clip
 from voxlm.data import phantom_dataset
 
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in (train_clip, pretrain_projector, finetune, scaling):
         stage.add_parser(stages)
-    finetune.add_merge_parser(subparsers)
+    merge_lora.add_parser(subparsers)
     for module in (predict, retrieve, classify):
         module.add_parser(subparsers)
     subparsers.add_parser("env", help="print the versions of Python and the installed releases, for a bug report"
