@@ -1,4 +1,5 @@
-"""Inference on one volume or study, shared by `voxlm predict|retrieve|classify` and the Space (`spaces/app.py`).
+"""The Python inference API on one volume or study, which the Space (`spaces/app.py`), the commands
+`voxlm predict|retrieve|classify` (`voxlm.commands`) and users call.
 
     predict(volume, question)   -> answer text, parsed boxes, and a mask on the input's own grid when it says [SEG];
                                    a study (several files, or a DICOM folder / .zip of several series) is answered as a
@@ -13,10 +14,8 @@ Models are a local folder or a Hub id; the defaults are the folders `voxlm quick
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from voxlm.processing import ReadLimits, Study, Volume, VolumeMetadata, read_study, read_volume
-
-logger = logging.getLogger(__name__)
 
 MODEL_ENV = "VOXLM_MODEL"
 CLIP_MODEL_ENV = "VOXLM_CLIP_MODEL"
@@ -375,140 +372,3 @@ def read_reports(path: str | Path) -> list[str]:
     if not reports:
         raise ValueError(f"{path.name}: holds no reports")
     return reports
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# `voxlm predict | retrieve | classify`
-
-VOLUME_HELP = "a NIfTI file, a DICOM series folder or .zip, an NRRD/MHA file or a .npy array (D, H, W)"
-STUDY_HELP = (VOLUME_HELP + "; or a study: several such files, or a DICOM folder or .zip holding several series (up to "
-              "the model's max_study_scans)")
-MODALITY_HELP = "CT (Hounsfield window) or MR (percentile window); default: the file's DICOM Modality, else the model's"
-
-
-def _print_result(args, result, lines: list[str]) -> None:
-    # The command's output is its result, on stdout; logs go to stderr.
-    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
-
-
-def _run_predict(args) -> int:
-    if args.mask_out:
-        refuse_overwriting_inputs(args.mask_out, args.volume)
-    model, processor = load_voxlm(args.model)
-    source = args.volume[0] if len(args.volume) == 1 else args.volume
-    prediction = predict(source, args.question, model, processor, modality=args.modality, window=args.window,
-                         max_new_tokens=args.max_new_tokens, mask_series=args.mask_series)
-    result = prediction.to_dict()
-    lines = [prediction.text]
-    if prediction.series:
-        lines.append(f"study of {len(prediction.series)} series; mask and boxes on series {prediction.mask_series}:")
-        lines += [f"  {index}. {description}" for index, description in enumerate(prediction.series)]
-        lines += [f"  skipped: {reason}" for reason in prediction.skipped_series]
-    for box, world in zip(result["boxes"], result["boxes_ras_mm"]):
-        lines.append(f"box (z1, y1, x1, z2, y2, x2 in [0, 1]): {box}; corners in RAS mm: {world}")
-    result["mask_path"] = None
-    if args.mask_out:
-        if prediction.mask is None:
-            logger.warning("The answer holds no [SEG]: no mask written to %s", args.mask_out)
-        else:
-            result["mask_path"] = str(prediction.save_mask(args.mask_out))
-            lines.append(f"mask ({result['mask_voxels']} voxels) written to {args.mask_out}")
-    _print_result(args, result, lines)
-    return 0
-
-
-def refuse_overwriting_inputs(output, inputs) -> None:
-    """Refuse an output path that is one of the inputs (or a file inside an input folder), before any work: writing
-    it would destroy the volume being read."""
-    target = Path(output).resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if target == source or (source.is_dir() and target.is_relative_to(source)):
-            raise ValueError(f"--mask-out {output} would overwrite the input {source.name}; choose another path")
-
-
-def _run_retrieve(args) -> int:
-    reports = read_reports(args.reports)
-    hits = retrieve(args.volume, reports, load_voxclip(args.model), top_k=args.top_k, modality=args.modality)
-    _print_result(args, hits, [f"{h['rank']}. ({h['score']:.3f}) {h['report']}" for h in hits])
-    return 0
-
-
-def _run_classify(args) -> int:
-    probabilities = classify(args.volume, args.labels.split(","), load_voxclip(args.model), modality=args.modality)
-    ranked = sorted(probabilities.items(), key=lambda item: -item[1])
-    _print_result(args, probabilities, [f"{p:.3f}  {label}" for label, p in ranked])
-    return 0
-
-
-def _guarded(run):
-    """Bad input and missing models end the command with their message, not a traceback."""
-    from voxlm.processing import VolumeError
-
-    def wrapper(args) -> int:
-        try:
-            return run(args)
-        except (VolumeError, ModelNotFoundError, ValueError) as error:
-            raise SystemExit(f"voxlm {args.command}: {error}") from error
-
-    return wrapper
-
-
-def add_parsers(subparsers) -> None:
-    """Register `predict`, `retrieve` and `classify` with the `voxlm` command."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    predict_parser = subparsers.add_parser(
-        "predict", help="answer a question about a volume or a study; write the mask when the answer holds [SEG]",
-        formatter_class=formatter,
-        description="Ask a VoxLM about one volume, or about a study (several files, or a DICOM folder or .zip holding "
-        "several series, read as series in SeriesNumber order). Prints the answer and any boxes it holds; with "
-        "--mask-out, writes the predicted mask as NIfTI on the input's own grid and affine (when the answer holds "
-        "[SEG]). For a study, the mask and boxes are on one series: --mask-series (default 0, the first).\n\n"
-        "Example:\n  voxlm predict head_ct.nii.gz --question \"Segment the hemorrhage in this CT.\" "
-        "--mask-out mask.nii.gz --model voxlm-quickstart/finetune/final/model --json\n"
-        "  voxlm predict study_dicom.zip --question \"Is there a hemorrhage?\" --mask-series 1",
-    )
-    predict_parser.add_argument("volume", metavar="VOLUME", nargs="+", help=STUDY_HELP)
-    predict_parser.add_argument("--question", required=True, help="what to ask, e.g. \"Is there a hemorrhage?\"")
-    predict_parser.add_argument("--mask-out", type=Path, help="where to write the mask (.nii.gz)")
-    predict_parser.add_argument("--model",
-                                help=f"a VoxLM folder or Hub id (default: ${MODEL_ENV}, else {DEFAULT_MODEL})")
-    predict_parser.add_argument("--modality", help=MODALITY_HELP)
-    predict_parser.add_argument("--window", help="override the model's CT window preset (brain, subdural, stroke, "
-                                "soft_tissue, lung, bone); the model was trained with its saved one")
-    predict_parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
-    predict_parser.add_argument("--mask-series", type=int, default=0,
-                                help="for a study: the series (0 = first, in the order printed) that the mask is "
-                                "decoded on and written on the grid of, and that boxes refer to (default 0)")
-    predict_parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    predict_parser.set_defaults(func=_guarded(_run_predict))
-
-    clip_help = f"a VoxCLIP folder or Hub id (default: ${CLIP_MODEL_ENV}, else {DEFAULT_CLIP_MODEL})"
-    retrieve_parser = subparsers.add_parser(
-        "retrieve", help="rank reports by similarity to a volume (VoxCLIP)", formatter_class=formatter,
-        description="Rank the reports of a gallery by VoxCLIP similarity to one volume.\n\n"
-        "Example:\n  voxlm retrieve head_ct.nii.gz --reports spaces/examples/reports.json --top-k 3",
-    )
-    retrieve_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
-    retrieve_parser.add_argument("--reports", required=True, type=Path,
-                                 help="JSON (list of strings or objects with 'report'), CSV ('report' column) or "
-                                 "text (one report per line)")
-    retrieve_parser.add_argument("--model", help=clip_help)
-    retrieve_parser.add_argument("--top-k", type=int, default=5, help="how many reports to show (default 5)")
-    retrieve_parser.add_argument("--modality", help=MODALITY_HELP)
-    retrieve_parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    retrieve_parser.set_defaults(func=_guarded(_run_retrieve))
-
-    classify_parser = subparsers.add_parser(
-        "classify", help="zero-shot classification of a volume over free-text labels (VoxCLIP)",
-        formatter_class=formatter,
-        description="Zero-shot classification: each label is embedded through a prompt ensemble and compared with the "
-        "volume's embedding.\n\nExample:\n  voxlm classify head_ct.nii.gz --labels \"intracranial hemorrhage,skull "
-        "fracture,no acute abnormality\"",
-    )
-    classify_parser.add_argument("volume", metavar="VOLUME", help=VOLUME_HELP)
-    classify_parser.add_argument("--labels", required=True, help="comma-separated class descriptions (at least two)")
-    classify_parser.add_argument("--model", help=clip_help)
-    classify_parser.add_argument("--modality", help=MODALITY_HELP)
-    classify_parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    classify_parser.set_defaults(func=_guarded(_run_classify))

@@ -41,9 +41,10 @@ SUITE = {
     "hlip": ("bench_hlip.py", ["--repeats", "3"], ["--repeats", "1", "--scans", "1", "4", "--image-size", "16", "64",
                                                 "64", "--hidden-size", "192", "--heads", "3", "--layers", "2"]),
     "study_zero_shot": ("bench_study_zero_shot.py", [], ["--studies", "60", "--test-studies", "30", "--steps", "5"]),
+    "cli": ("bench_cli.py", ["--repeats", "5"], ["--repeats", "1"]),
 }
 # benchmarks that run on the CPU only (no --device flag)
-CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot")
+CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot", "cli")
 
 
 def run_benchmark(name: str, quick: bool, device: str | None) -> dict:
@@ -133,6 +134,12 @@ def summary(results: dict, machine: dict) -> str:
     rows.append(["zero-shot hemorrhage AUC, finding in one series: study-mode VoxCLIP vs one random series",
                  "study > one series", f"{common.fmt(study, 3)} vs {common.fmt(single, 3)}", holds])
     rows.append(hlip_target(figure("hlip", "growth") or {}, figure("hlip", "scans")))
+    after, before = figure("cli", "help_after_s"), figure("cli", "help_before_s")
+    if after is None:
+        rows.append(["`voxlm --help`, warm", "well under 1.5 s on 2 cores", "not measured", "not measured"])
+    else:
+        rows.append(["`voxlm --help`, warm", "well under 1.5 s on 2 cores", f"{after:.2f} s (before: {before:.1f} s)",
+                     "yes" if after < 1.5 else "no"])
     return "## Targets\n\n" + common.markdown_table(["target", "wanted", "this run", "holds"], rows)
 
 

@@ -15,6 +15,7 @@ import voxlm  # noqa: F401
 from voxlm.data import write_phantom_dataset
 from voxlm.training import finetune, pretrain_projector
 from voxlm.training.assemble import PretrainedParts, build_voxlm
+from voxlm.training.merge_lora import merge_lora
 from voxlm.training.mllm import MLLMSettings, lm_train_step
 from voxlm.training.settings import parse_overrides
 from voxlm.training.trainable import LoraSettings, apply_lora
@@ -77,7 +78,7 @@ def test_finetuned_folder_loads_and_answers_with_masks(stages):
 
 def test_merge_lora_reproduces_the_merged_model(stages, tmp_path):
     _, aligned, tuned = stages
-    merged = finetune.merge_lora(aligned, tuned / "adapter", tmp_path / "merged")
+    merged = merge_lora(aligned, tuned / "adapter", tmp_path / "merged")
     ours = AutoModel.from_pretrained(merged).state_dict()
     reference = AutoModel.from_pretrained(tuned / "model").state_dict()
     assert ours.keys() == reference.keys()

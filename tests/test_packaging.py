@@ -1,4 +1,5 @@
-"""`pip install .` (not editable) gives the same `voxlm` namespace, and the Auto classes load a saved VoxLM."""
+"""`pip install .` (not editable) gives the same `voxlm` namespace and a `voxlm` console script, and the Auto classes
+load a saved VoxLM."""
 
 import subprocess
 import sys
@@ -51,6 +52,14 @@ def test_plain_pip_install_gives_the_voxlm_namespace(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "8"
+    # The console script (a top-level module beside the package) lists the commands without importing torch.
+    listing = subprocess.run(
+        [str(python), "-X", "importtime", str(venv / "bin" / "voxlm"), "--help"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    assert "predict" in listing.stdout and "merge-lora" in listing.stdout
+    assert not [line for line in listing.stderr.splitlines() if line.rstrip().endswith(("| torch", "| voxlm"))]
 
 
 def test_voxlm_env_prints_the_installed_releases(capsys):

@@ -1,24 +1,21 @@
 """Stage `finetune` (seed 002, stage 2): LoRA on the LLM plus the projector, the segmentation head and optionally the
 encoder; samples with masks add Dice + BCE. Saves the adapter (PEFT format) and the merged model, both loadable.
-With `lora.enabled=false` the LLM trains fully and only the model is saved.
+With `lora.enabled=false` the LLM trains fully and only the model is saved. `voxlm merge-lora`
+(`training/merge_lora.py`) merges a saved adapter into its base later on.
 
     voxlm train finetune --config training/configs/finetune_phantoms.yaml init_from=runs/align/final
-    voxlm merge-lora --base runs/align/final --adapter runs/finetune/final/adapter --out merged/
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from voxlm.model_cards import adapter_card_for_run, voxlm_card_for_run
 from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
 from voxlm.training.trainable import prepare_finetune
-
-logger = logging.getLogger(__name__)
 
 
 def train(settings: MLLMSettings) -> Path:
@@ -46,36 +43,10 @@ def train(settings: MLLMSettings) -> Path:
     return final
 
 
-def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Merge a LoRA adapter into its base VoxLM and save a plain checkpoint (with the base's processor)."""
-    from peft import PeftModel
-    from transformers import AutoModel, AutoProcessor
-
-    import voxlm  # noqa: F401
-
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(adapter)).merge_and_unload()
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(base).save_pretrained(out)
-    for card in Path(adapter).glob("README.md"):
-        shutil.copy(card, Path(out) / "ADAPTER_README.md")
-    return Path(out)
-
-
 def add_parser(subparsers) -> None:
     add_stage_parser(subparsers, "finetune", "fine-tune with LoRA (and segmentation)",
                      "voxlm train finetune --config training/configs/finetune_phantoms.yaml init_from=runs/align/final",
                      train)
-
-
-def add_merge_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "merge-lora", help="merge a LoRA adapter into its base model",
-        description="Example: voxlm merge-lora --base runs/align/final --adapter runs/finetune/final/adapter "
-        "--out merged/", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the base VoxLM folder (the model the adapter was trained on)")
-    parser.add_argument("--adapter", required=True, help="the PEFT adapter folder")
-    parser.add_argument("--out", required=True, help="where the merged model goes")
-    parser.set_defaults(func=lambda args: logger.info("Merged into %s", merge_lora(args.base, args.adapter, args.out)))
 
 
 def main(argv: list[str] | None = None) -> None:
