@@ -1,6 +1,6 @@
 """Whole studies against one random series: zero-shot "hemorrhage present" when the finding is in one series only.
 
-Phantom head-CT studies (`voxlm.data.studies`: brain window, bone window, post-contrast, thick slices) in
+Phantom head-CT studies (`voxlm.data.phantom_studies`: brain window, bone window, post-contrast, thick slices) in
 which half of the findings are drawn into one randomly chosen series only and the rest into every series (the
 generator's default, `--single-series-fraction 0.5`). The same small VoxCLIP
 (the quickstart's VoxViT: 16 x 64 x 64 input, 4 x 16 x 16 patches, width 192, 3 blocks, max pooling; here in study

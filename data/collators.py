@@ -50,7 +50,7 @@ class ContrastiveCollator:
         num_patches (`int`, *optional*): the encoder's patch count (`vision_config.num_patches`) when a masked-volume
             term is on; `None` adds no patch noise.
         seed (`int`, defaults to 0): seeds both draws (with the rows' ids).
-        studies (`StudyCollator`, *optional*): collate study rows (`voxlm.data.studies`) rather than
+        studies (`StudyCollator`, *optional*): collate study rows (`voxlm.data.study_sampling`) rather than
             preprocessed volumes; the masked-volume terms reconstruct single volumes, so it excludes `num_patches`.
     """
 

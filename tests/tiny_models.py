@@ -67,7 +67,7 @@ DEMO_SEG_QUESTION = "Segment the brain in this CT."
 DEMO_SEG_ANSWER = "It is [SEG]."
 
 
-def save_demo_voxlm(folder, steps: int = 30, seed: int = 0):
+def save_demo_voxlm(folder, steps: int = 45, seed: int = 0):
     """A tiny VoxLM (tiny Llama with SmolLM2's tokenizer) that answers `DEMO_SEG_QUESTION` with `DEMO_SEG_ANSWER` on
     any volume or study of up to `DEMO_MAX_STUDY_SCANS` series, and segments what it was trained to: saved with its
     processor to `folder`.

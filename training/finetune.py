@@ -8,19 +8,23 @@ With `lora.enabled=false` the LLM trains fully and only the model is saved. `vox
 
 from __future__ import annotations
 
-import argparse
-import logging
+import os
 import sys
 from pathlib import Path
 
 from voxlm.model_cards import adapter_card_for_run, voxlm_card_for_run
-from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
+from voxlm.training.merge_lora import merge_lora
+from voxlm.training.mllm import MLLMSettings, add_stage_parser, stage_main, train_stage
 from voxlm.training.trainable import prepare_finetune
 
 
 def train(settings: MLLMSettings) -> Path:
     """Run the stage; return the folder holding `model/` (merged, loads with `AutoModel`) and, with LoRA, `adapter/`
     (PEFT)."""
+    if settings.lora.enabled and not settings.init_from and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError("Under DeepSpeed ZeRO-3, LoRA fine-tuning starts from a saved model (init_from, e.g. the "
+                         "align stage's output): the adapter is merged into that folder's weights, since the trained "
+                         "model in memory holds only this process's shards of its own")
     model, processor, accelerator = train_stage(settings, lambda model: (prepare_finetune(model, settings.lora), []),
                                                 "finetune")
     final = Path(settings.run.output_dir) / "final"
@@ -31,8 +35,12 @@ def train(settings: MLLMSettings) -> Path:
         if settings.lora.enabled:
             trained.save_pretrained(final / "adapter", state_dict=state_dict)
             adapter_card_for_run(settings, trained, processor, final / "adapter").save(final / "adapter" / "README.md")
-            merged = trained.merge_and_unload()
-            merged.save_pretrained(final / "model")
+            if settings.init_from:
+                # From the saved files, as `voxlm merge-lora` does: under ZeRO-3 the model in memory is sharded.
+                merged = merge_lora(settings.init_from, final / "adapter", final / "model")
+            else:
+                merged = trained.merge_and_unload()
+                merged.save_pretrained(final / "model")
         else:
             merged = trained
             merged.save_pretrained(final / "model", state_dict=state_dict)
@@ -49,13 +57,5 @@ def add_parser(subparsers) -> None:
                      train)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="voxlm.training.finetune")
-    add_parser(parser.add_subparsers(dest="stage", required=True))
-    args = parser.parse_args(["finetune", *(argv or [])])
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    stage_main("finetune", add_parser, sys.argv[1:])

@@ -14,8 +14,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Merge a LoRA adapter into its base VoxLM and save a plain checkpoint (with the base's processor)."""
+def merge_lora(base: str | Path, adapter: str | Path, out: str | Path):
+    """Merge a LoRA adapter into its base VoxLM and save a plain checkpoint (with the base's processor) to `out`;
+    returns the merged model."""
     from peft import PeftModel
     from transformers import AutoModel, AutoProcessor
 
@@ -26,7 +27,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     AutoProcessor.from_pretrained(base).save_pretrained(out)
     for card in Path(adapter).glob("README.md"):
         shutil.copy(card, Path(out) / "ADAPTER_README.md")
-    return Path(out)
+    return model
 
 
 def add_parser(subparsers) -> None:
@@ -38,4 +39,5 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--base", required=True, help="the base VoxLM folder (the model the adapter was trained on)")
     parser.add_argument("--adapter", required=True, help="the PEFT adapter folder")
     parser.add_argument("--out", required=True, help="where the merged model goes")
-    parser.set_defaults(func=lambda args: logger.info("Merged into %s", merge_lora(args.base, args.adapter, args.out)))
+    parser.set_defaults(func=lambda args: merge_lora(args.base, args.adapter, args.out) and logger.info(
+        "Merged into %s", args.out))

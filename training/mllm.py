@@ -4,6 +4,7 @@ instruction data, and the step (LM loss, plus Dice + BCE for samples with masks)
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def add_stage_parser(subparsers, name: str, help_text: str, example: str, run) -
                         help="YAML settings (sections init_from, pretrained, model, processor, lora, data, run)")
     add_run_arguments(parser)
     parser.set_defaults(func=lambda args: run(settings_from_args(args)))
+
+
+def stage_main(stage: str, add_parser, argv: list[str]) -> None:
+    """`python -m voxlm.training.<module> ...`, what `accelerate launch -m` runs: the stage's command without `voxlm
+    train` in front."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=f"voxlm train {stage}")
+    add_parser(parser.add_subparsers(dest="stage", required=True))
+    args = parser.parse_args([stage, *argv])
+    args.func(args)
 
 
 def settings_from_args(args) -> MLLMSettings:

@@ -1,20 +1,19 @@
 """Stage `align` (seed 002, stage 1): train the projector and the new token embeddings; encoder and LLM frozen.
 
     voxlm train align --config training/configs/align_phantoms.yaml
-    accelerate launch --config_file training/configs/accelerate/multi_gpu_ddp.yaml -m voxlm.training.pretrain_projector --config ...
+    accelerate launch --config_file training/configs/accelerate/multi_gpu_ddp.yaml \
+        -m voxlm.training.pretrain_projector --config ...
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from voxlm.model_cards import voxlm_card_for_run
 from voxlm.training.loop import save_final
-from voxlm.training.mllm import MLLMSettings, add_stage_parser, train_stage
+from voxlm.training.mllm import MLLMSettings, add_stage_parser, stage_main, train_stage
 from voxlm.training.trainable import freeze_for_align
-
 
 
 def prepare_for_align(model):
@@ -38,15 +37,5 @@ def add_parser(subparsers) -> None:
                      "voxlm train align --config training/configs/align_phantoms.yaml data.path=data/phantoms", train)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="voxlm.training.pretrain_projector")
-    add_parser(parser.add_subparsers(dest="stage", required=True))
-    args = parser.parse_args(["align", *(argv or [])])
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    stage_main("align", add_parser, sys.argv[1:])
