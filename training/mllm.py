@@ -57,11 +57,11 @@ class MLLMSettings:
 def load_model(settings: MLLMSettings):
     """`(model, processor)`: loaded from `init_from`, or assembled from `pretrained`, `model` and `processor`."""
     if settings.init_from:
-        from transformers import AutoModel, AutoProcessor
-
         if settings.model or settings.processor or settings.pretrained != PretrainedParts():
             raise ValueError(f"init_from={settings.init_from!r} loads a saved VoxLM, which the pretrained, model and "
                              "processor sections would assemble anew: set init_from or those sections, not both")
+        from transformers import AutoModel, AutoProcessor
+
         import voxlm  # noqa: F401  (registers the Auto classes)
 
         return AutoModel.from_pretrained(settings.init_from), AutoProcessor.from_pretrained(settings.init_from)
