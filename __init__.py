@@ -4,7 +4,14 @@ Importing voxlm registers every voxlm config, model and processor with the trans
 ``AutoModel.from_pretrained(folder)`` works on a saved voxlm folder without ``trust_remote_code``.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
@@ -29,6 +36,7 @@ def _register_auto_classes() -> None:
     AutoModel.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
     AutoModel.register(VoxCLIPConfig, VoxCLIPModel, exist_ok=True)
     AutoModelForImageTextToText.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
+    AutoModelForCausalLM.register(VoxLMConfig, VoxLMForConditionalGeneration, exist_ok=True)
     AutoImageProcessor.register(VoxLMConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoImageProcessor.register(VoxViTConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoImageProcessor.register(VoxCLIPConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)

@@ -96,60 +96,44 @@ class ContrastiveCollator:
 
 
 class InstructionCollator:
-    """Question-answer samples for VoxLM: prompts and labels from `VoxLMProcessor` (labels only on the answer),
-    the preprocessed volumes, and `seg_masks` / `has_mask` for samples that carry a mask.
+    """Tokenized question-answer samples (from `PreprocessedStream` with the model's `VoxLMProcessor`) -> VoxLM
+    batches: `input_ids`, `attention_mask`, `labels (B, L)` padded on the right, `pixel_values (B, 1, D, H, W)`, and
+    `seg_masks (B, 1, D, H, W)` / `has_mask (B,)` when some sample carries a mask.
 
-    A sample that cannot join the batch is left out and logged, never the batch: a text that is missing or not a
-    string, or a volume of another shape than the batch's first (`collate`), a question that cannot form a prompt
-    (`tokenize`, e.g. one that quotes `<im_patch>`); an answer too long for `max_length` is cut (`truncated`). The
-    batch's `bad_rows` counts them by kind, with the rows `PreprocessedStream` skipped before these samples; a batch
-    of nothing but bad rows holds only `bad_rows`.
+    It reads only the keys the model's `forward` takes (and `truncated`, `bad_rows_before`, `id` when they are there),
+    so the HF `Trainer` with its default `remove_unused_columns=True` can hand it its samples. A sample whose volume
+    has another shape than the batch's first is left out and logged, never the batch.
 
     Args:
-        processor (`VoxLMProcessor`): the model's processor.
-        with_answers (`bool`, defaults to `True`): `False` builds generation prompts (left padded, no labels).
-        max_length (`int`, *optional*): most tokens per sample (the LLM's context).
+        processor (`VoxLMProcessor`): the model's processor (its `pad`).
+        report_bad_rows (`bool`, defaults to `False`): add `bad_rows`, the rows left out here, cut (`truncated`) or
+            skipped by the stream before these samples, by kind, which voxlm's training loop counts; a batch of nothing
+            but bad rows then holds only `bad_rows`. Off, the batch holds model inputs only, as the `Trainer` needs.
     """
 
-    def __init__(self, processor: VoxLMProcessor, with_answers: bool = True, max_length: int | None = None):
+    def __init__(self, processor: VoxLMProcessor, report_bad_rows: bool = False):
         self.processor = processor
-        self.with_answers = with_answers
-        self.max_length = max_length
+        self.report_bad_rows = report_bad_rows
 
     def __call__(self, samples: list[dict]) -> dict:
         bad_rows = bad_rows_of(samples)
-        kept, texts = [], []
+        kept = []
         for sample in samples:
-            try:
-                kind = "collate"
-                if sample.get("question") is None or (self.with_answers and sample.get("answer") is None):
-                    raise ValueError("the question or the answer is missing")
-                if kept and sample["pixel_values"].shape != kept[0]["pixel_values"].shape:
-                    raise ValueError(f"volume of shape {tuple(sample['pixel_values'].shape)}, the batch's is "
-                                     f"{tuple(kept[0]['pixel_values'].shape)}")
-                kind = "tokenize"
-                answer = sample["answer"] if self.with_answers else None
-                input_ids, labels, truncated = self.processor.tokenize_one(sample["question"], answer,
-                                                                           max_length=self.max_length)
-            except ValueError as error:
-                bad_rows[kind] += 1
-                logger.warning("Skipping row %s: %s: %s", sample.get("id", "?"), kind, error)
+            if kept and sample["pixel_values"].shape != kept[0]["pixel_values"].shape:
+                bad_rows["collate"] += 1
+                logger.warning("Skipping row %s: collate: volume of shape %s, the batch's is %s", sample.get("id", "?"),
+                               tuple(sample["pixel_values"].shape), tuple(kept[0]["pixel_values"].shape))
                 continue
-            if truncated:
+            if sample.get("truncated"):
                 bad_rows["truncated"] += 1
-                logger.warning("Row %s: the answer is cut to max_length=%d tokens", sample.get("id", "?"),
-                               self.max_length)
             kept.append(sample)
-            texts.append((input_ids, labels))
-        batch = {"bad_rows": dict(bad_rows)}
+        batch = {"bad_rows": dict(bad_rows)} if self.report_bad_rows else {}
         if not kept:
             return batch
-        batch.update(self.processor.pad(texts, "right" if self.with_answers else "left"))
-        if not self.with_answers:
-            del batch["labels"]
+        batch.update(self.processor.pad([(sample["input_ids"], sample["labels"]) for sample in kept], "right"))
         batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in kept])
-        if any("seg_mask" in sample for sample in kept):
+        if any("seg_masks" in sample for sample in kept):
             empty = torch.zeros_like(kept[0]["pixel_values"])
-            batch["seg_masks"] = torch.stack([sample.get("seg_mask", empty) for sample in kept])
-            batch["has_mask"] = torch.tensor(["seg_mask" in sample for sample in kept])
+            batch["seg_masks"] = torch.stack([sample.get("seg_masks", empty) for sample in kept])
+            batch["has_mask"] = torch.tensor(["seg_masks" in sample for sample in kept])
         return batch

@@ -2,8 +2,9 @@
 
 Rows stream lazily with `datasets` (`streaming=True`), are split across processes with `split_dataset_by_node` and
 across DataLoader workers by `datasets` itself (one worker per shard subset), shuffled in a buffer, then decoded and
-preprocessed by the model's own `VoxVolumeProcessor` in the worker. A row that cannot be decoded or preprocessed is
-skipped, counted by kind and logged with its id: training never dies on one bad sample.
+preprocessed by the model's own `VoxVolumeProcessor` in the worker (and with a `VoxLMProcessor`, tokenized there
+too). A row that cannot be decoded, preprocessed or tokenized is skipped, counted by kind and logged with its id:
+training never dies on one bad sample.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from voxlm.processing import VoxVolumeProcessor
+from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor
 
 from .hub_format import decode_array
 
@@ -79,12 +80,12 @@ class BadRowError(ValueError):
 
 
 # Where a row can fail: its bytes (`decode`), the volume processor (`preprocess`), the prompt (`tokenize`), the batch
-# (`collate`: a missing or non-text field, a volume of another shape). `truncated` rows are kept, their answer cut.
+# (`collate`: a missing question or answer, a volume of another shape). `truncated` rows are kept, their answer cut.
 BAD_ROW_KINDS = ("decode", "preprocess", "tokenize", "collate")
 
 
 def preprocess_row(row: dict, processor: VoxVolumeProcessor) -> dict:
-    """One row -> a sample: `pixel_values (1, D, H, W)`, `seg_mask (1, D, H, W)` when the row has a mask, texts.
+    """One row -> a sample: `pixel_values (1, D, H, W)`, `seg_masks (1, D, H, W)` when the row has a mask, texts.
 
     Raises:
         `BadRowError`: the image or mask bytes cannot be decoded, or the volume processor refuses the volume.
@@ -97,14 +98,35 @@ def preprocess_row(row: dict, processor: VoxVolumeProcessor) -> dict:
         raise BadRowError("decode", row_id, error) from error
     try:
         pixel_values, metadata = processor.preprocess_volume(volume, modality=row.get("modality"))
-        seg_mask = None if mask is None else processor.preprocess_mask(mask, metadata)
+        seg_masks = None if mask is None else processor.preprocess_mask(mask, metadata)
     except (ValueError, OSError, EOFError, TypeError, MemoryError) as error:
         raise BadRowError("preprocess", row_id, error) from error
     sample = {key: row.get(key) for key in TEXT_FIELDS}
     sample["pixel_values"] = pixel_values
-    if seg_mask is not None:
-        sample["seg_mask"] = seg_mask
+    if seg_masks is not None:
+        sample["seg_masks"] = seg_masks
     return sample
+
+
+def tokenize_sample(sample: dict, processor: VoxLMProcessor, max_length: int | None = None) -> dict:
+    """A preprocessed question-answer sample's `input_ids` and `labels` (lists; labels only on the answer), as
+    `VoxLMProcessor.tokenize_one` builds them, and `truncated` when the answer was cut to `max_length`.
+
+    Raises:
+        `BadRowError`: `collate` when the question or the answer is missing, `tokenize` when they cannot form a prompt
+        (not text, a question quoting `<im_patch>`, a prompt longer than `max_length`).
+    """
+    row_id = sample.get("id", "?")
+    if sample.get("question") is None or sample.get("answer") is None:
+        raise BadRowError("collate", row_id, "the question or the answer is missing")
+    try:
+        input_ids, labels, truncated = processor.tokenize_one(sample["question"], sample["answer"],
+                                                              max_length=max_length)
+    except ValueError as error:
+        raise BadRowError("tokenize", row_id, error) from error
+    if truncated:
+        logger.warning("Row %s: the answer is cut to max_length=%d tokens", row_id, max_length)
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
 
 class PreprocessedStream(torch.utils.data.IterableDataset):
@@ -115,25 +137,34 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
     skips since the previous one as `bad_rows_before` (`{kind: count}`), so that the collators and the training loop
     count them across DataLoader workers.
 
+    With a `VoxLMProcessor` the samples are also tokenized (`tokenize_sample`) and hold what the model reads under the
+    names its `forward` takes (`pixel_values`, `input_ids`, `labels`, `seg_masks`): the HF `Trainer`, which with its
+    default `remove_unused_columns=True` drops every other key of a sample before the collator sees it, trains on them
+    with [`InstructionCollator`] as it is.
+
     Args:
         rows (`datasets.IterableDataset`): from `stream_rows`.
-        processor (`VoxVolumeProcessor`, *optional*): the model's volume processor; `None` yields the rows as they are.
+        processor (`VoxVolumeProcessor` or `VoxLMProcessor`, *optional*): the model's volume processor, or its
+            processor (volumes and texts); `None` yields the rows as they are.
         limit (`int`, *optional*): stop after this many good samples (per worker).
         skip_rows (`list[int]`, *optional*): the rows of each DataLoader worker's stream (one entry per worker, or
             one for the main process) to skip without decoding them: those a resumed run trained on before its
             checkpoint (`voxlm.training.loop.DataPosition`).
+        max_length (`int`, *optional*): with a `VoxLMProcessor`, most tokens per sample (`tokenize_sample`).
 
     Attributes:
         skipped (`int`): rows skipped in this process (counted per worker when workers are used).
     """
 
-    def __init__(self, rows, processor: VoxVolumeProcessor | None, limit: int | None = None,
-                 skip_rows: list[int] | None = None):
+    def __init__(self, rows, processor: VoxVolumeProcessor | VoxLMProcessor | None, limit: int | None = None,
+                 skip_rows: list[int] | None = None, max_length: int | None = None):
         super().__init__()
         self.rows = rows
-        self.processor = processor
+        self.text_processor = processor if hasattr(processor, "tokenize_one") else None
+        self.processor = processor if self.text_processor is None else processor.image_processor
         self.limit = limit
         self.skip_rows = skip_rows
+        self.max_length = max_length
         self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -172,6 +203,8 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
                 continue
             try:
                 sample = preprocess_row(row, self.processor)
+                if self.text_processor is not None:
+                    sample.update(tokenize_sample(sample, self.text_processor, self.max_length))
             except BadRowError as error:
                 # A bad sample costs one sample, never the run.
                 self.skipped += 1

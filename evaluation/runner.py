@@ -21,8 +21,8 @@ def batched(iterable, size: int):
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[dict], max_new_tokens: int = 16, return_masks: bool = False):
     """Greedy answers (and mask logits) for preprocessed samples (`pixel_values`, `question`)."""
-    inputs = processor(text=[sample["question"] for sample in samples], padding_side="left")
-    inputs["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])
+    inputs = processor(text=[sample["question"] for sample in samples], padding_side="left",
+                       pixel_values=torch.stack([sample["pixel_values"] for sample in samples]))
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_masks=return_masks)
     sequences = output.sequences if return_masks else output
@@ -57,7 +57,7 @@ def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_ne
     for batch in tqdm(list(batched(samples, batch_size)), desc="segmentation"):
         _, masks = generate_answers(model, processor, batch, max_new_tokens, return_masks=True)
         for sample, mask in zip(batch, masks):
-            target = sample["seg_mask"].numpy()
+            target = sample["seg_masks"].numpy()
             probabilities = np.zeros_like(target) if mask is None else mask.sigmoid().cpu().numpy()
             soft.append(dice(probabilities, target))
             hard.append(dice(probabilities, target, threshold=0.5))

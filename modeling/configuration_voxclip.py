@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig
 
 from .configuration_voxlm import auto_text_config
-from .configuration_voxvit import VoxViTConfig
+from .configuration_voxvit import VoxConfig, VoxViTConfig
 
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 TEXT_POOLING = ("cls", "mean")
@@ -23,7 +23,7 @@ LOSS_WEIGHTS = {
 VOXCLIP_AUTO_MAP = {"AutoConfig": "configuration_voxclip.VoxCLIPConfig", "AutoModel": "modeling_voxclip.VoxCLIPModel"}
 
 
-class VoxCLIPConfig(PretrainedConfig):
+class VoxCLIPConfig(VoxConfig):
     r"""
     Configuration of [`VoxCLIPModel`] (M3D-CLIP, with MG-3D's and COLIPRI's extra terms as options).
 

@@ -6,13 +6,21 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configuration_voxvit import VoxViTConfig, as_triple
+from .configuration_voxvit import VoxConfig, VoxViTConfig, as_triple
 
 PROJECTOR_TYPES = ("spp", "linear")
 VOXLM_AUTO_MAP = {
     "AutoConfig": "configuration_voxlm.VoxLMConfig",
     "AutoModel": "modeling_voxlm.VoxLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_voxlm.VoxLMForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_voxlm.VoxLMForConditionalGeneration",
+}
+# transformers builds this pipeline for `pipeline("image-text-to-text", model=folder, trust_remote_code=True)`; its
+# file is voxlm's processing code, which `VoxLMProcessor.save_pretrained` writes beside the processor.
+VOXLM_CUSTOM_PIPELINES = {
+    "image-text-to-text": {
+        "impl": "pipeline_voxlm.VoxLMPipeline", "pt": ["AutoModelForImageTextToText"], "type": "multimodal",
+    }
 }
 
 
@@ -81,7 +89,7 @@ class VoxSegConfig(PretrainedConfig):
             raise ValueError("seg_config: `dice_loss_weight` and `bce_loss_weight` must be >= 0")
 
 
-class VoxLMConfig(PretrainedConfig):
+class VoxLMConfig(VoxConfig):
     r"""
     Configuration of [`VoxLMForConditionalGeneration`]. Defaults reproduce M3D-LaMed: a ViT-B VoxViT over
     32x256x256 volumes, the `spp` projector pooling its 8x16x16 patch grid by 2 to 256 image tokens, and a
@@ -154,6 +162,7 @@ class VoxLMConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         # Saved folders name their code so that `trust_remote_code=True` loads them without voxlm installed.
         kwargs.setdefault("auto_map", dict(VOXLM_AUTO_MAP))
+        kwargs.setdefault("custom_pipelines", dict(VOXLM_CUSTOM_PIPELINES))
         super().__init__(**kwargs)
         self.validate_architecture()
 
@@ -194,6 +203,16 @@ class VoxLMConfig(PretrainedConfig):
                 f"({scans} x {self.num_image_tokens} + {scans - 1} separators), which leaves no room for text in the "
                 f"LLM's {context} positions (`text_config.max_position_embeddings`)"
             )
+
+    @property
+    def use_cache(self) -> bool:
+        """The LLM's `use_cache`: a key of `text_config`, set from here too, so that `from_pretrained(folder,
+        use_cache=False)` reaches the LLM as it does on a plain causal LM."""
+        return getattr(self.text_config, "use_cache", True)
+
+    @use_cache.setter
+    def use_cache(self, value: bool):
+        self.text_config.use_cache = value
 
     @property
     def image_grid_size(self) -> tuple[int, int, int]:

@@ -51,7 +51,19 @@ def as_triple(value, name: str) -> tuple[int, int, int]:
     return triple
 
 
-class VoxViTConfig(PretrainedConfig):
+class VoxConfig(PretrainedConfig):
+    """What every voxlm config shares: its `validate_architecture` runs when it is built, and again after the
+    overrides of `from_pretrained(folder, key=value)`, which transformers sets on the built config one by one."""
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs) on request
+        config.validate_architecture()
+        return loaded
+
+
+class VoxViTConfig(VoxConfig):
     r"""
     Configuration of [`VoxViTModel`], a ViT over 3D patches. The defaults reproduce the encoder of M3D-CLIP /
     M3D-LaMed (MONAI `ViT`, ViT-B width, `pos_embed="perceptron"`, CLS token): a `1 x 32 x 256 x 256` volume cut

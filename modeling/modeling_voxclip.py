@@ -52,6 +52,7 @@ from .modeling_voxvit import (
     eager_attention_forward,
     patchify,
     sincos_position_embeddings,
+    write_model_card_if_missing,
 )
 
 
@@ -405,6 +406,11 @@ class VoxCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["VoxViTBlock"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and a model card with the Hub metadata when the folder has none."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card_if_missing(self, save_directory, "zero-shot-image-classification", **kwargs)
 
 
 class VoxCLIPModel(VoxCLIPPreTrainedModel):

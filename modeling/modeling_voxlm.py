@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 from .configuration_voxlm import VoxLMConfig
 from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
-from .modeling_voxvit import VoxViTModel, eager_attention_forward, pool_scan_tokens
+from .modeling_voxvit import VoxViTModel, eager_attention_forward, pool_scan_tokens, write_model_card_if_missing
 
 
 @dataclass
@@ -110,7 +110,8 @@ class SpatialPoolingProjector(VoxLMProjector):
         """`(B, N, E_vis)` patch features -> `(B, N / prod(pooling_size), E_llm)` image tokens."""
         d, h, w = self.grid_size
         grid = rearrange(patch_features, "b (d h w) e -> b e d h w", d=d, h=h, w=w)  # (B, N, E) -> (B, E, D', H', W')
-        pooled = F.avg_pool3d(grid, kernel_size=self.pooling_size, stride=self.pooling_size)
+        # Pooled in float32: CPU kernels of avg_pool3d have no bf16 / fp16 version, and the mean is more exact so.
+        pooled = F.avg_pool3d(grid.float(), kernel_size=self.pooling_size, stride=self.pooling_size).to(grid.dtype)
         return self.project_tokens(rearrange(pooled, "b e d h w -> b (d h w) e"))  # (B, E, d, h, w) -> (B, N_img, E)
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -278,6 +279,11 @@ class VoxLMPreTrainedModel(PreTrainedModel):
     # kernel such as flash attention is chosen for `text_config` alone (module docstring).
     _supports_sdpa = True
     _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and a model card with the Hub metadata when the folder has none."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card_if_missing(self, save_directory, "image-text-to-text", **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -611,6 +617,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             kwargs: passed to the LM, among them the KV cache under the name the installed transformers gives it
                 (`cache` from 5.24 on, `past_key_values` before).
         """
+        if output_hidden_states is None:  # as transformers' models do: the config's value (a load override) rules
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds, patch_features, image_features = self.embed_inputs(input_ids, pixel_values, scan_mask)
         else:
@@ -622,7 +630,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             use_cache=use_cache,
             output_attentions=output_attentions,
-            output_hidden_states=bool(output_hidden_states) or wants_seg,
+            output_hidden_states=output_hidden_states or wants_seg,
             logits_to_keep=logits_to_keep,
             return_dict=True,
             **kwargs,

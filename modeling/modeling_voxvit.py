@@ -37,10 +37,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -240,6 +242,22 @@ class VoxViTBlock(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
+def write_model_card_if_missing(model: PreTrainedModel, save_directory, pipeline_tag: str, **save_kwargs) -> None:
+    """After `save_pretrained`: a `README.md` with the Hub metadata (library, pipeline tag, tags) and how to load the
+    folder, unless the folder has a card (voxlm's training stages write fuller ones, with lineage and results)."""
+    card_path = Path(save_directory) / "README.md"
+    if card_path.exists() or not save_kwargs.get("is_main_process", True):
+        return
+    name = type(model).__name__
+    data = ModelCardData(library_name="transformers", pipeline_tag=pipeline_tag, tags=["medical", "3d", "voxlm"])
+    ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n# {name}\n\nA {name} saved with `save_pretrained` (the `voxlm` package: 3D "
+        "medical vision-language models). Research use only, never on patients.\n\n```python\nfrom transformers "
+        "import AutoModel, AutoProcessor\n\nmodel = AutoModel.from_pretrained(path, trust_remote_code=True)  # or "
+        "`import voxlm` first\nprocessor = AutoProcessor.from_pretrained(path, trust_remote_code=True)\n```\n"
+    ).save(card_path)
+
+
 class VoxViTPreTrainedModel(PreTrainedModel):
     config_class = VoxViTConfig
     config: VoxViTConfig
@@ -249,6 +267,11 @@ class VoxViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["VoxViTBlock"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and a model card with the Hub metadata when the folder has none."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card_if_missing(self, save_directory, "feature-extraction", **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,5 +1,6 @@
 """Volumes in, tensors out: readers, the volume processor, and the volume + text processor."""
 
+from .pipeline_voxlm import VoxLMPipeline
 from .image_processing_voxlm import CT_WINDOWS, VolumeMetadata, VoxVolumeProcessor, pad_studies, resize_volume
 from .processing_voxlm import (
     BOX_END_TOKEN,
@@ -24,6 +25,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "VolumeMetadata",
+    "VoxLMPipeline",
     "VoxLMProcessor",
     "VoxVolumeProcessor",
     "add_voxlm_tokens",

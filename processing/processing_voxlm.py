@@ -1,9 +1,13 @@
 """VoxLMProcessor: a volume processor and a tokenizer that build M3D prompts, training labels, and parse answers.
 
 Prompt: `<im_patch>` x `num_image_tokens`, then the question, inside the tokenizer's chat template (a user turn) when
-it has one. Image tokens are real added special tokens that the model finds by id (never by position). A study of S
-series holds `S * num_image_tokens + S - 1` placeholders: the model fills them with each series' tokens and a learned
-separator between series (`VoxLMConfig.num_study_image_tokens`).
+it has one; a question without a volume gets no placeholders. Image tokens are real added special tokens that the
+model finds by id (never by position). A study of S series holds `S * num_image_tokens + S - 1` placeholders: the
+model fills them with each series' tokens and a learned separator between series (`VoxLMConfig.num_study_image_tokens`).
+
+Conversations (`apply_chat_template`) take transformers' multimodal messages: a content item `{"type": "image"}` (with
+the volume under `path`, `url` or `image`, or given as `images=`) becomes that volume's placeholders, so any LLM's own
+chat template renders them, and the prompt is the one `processor(images=..., text=...)` builds.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import re
 import torch
 from transformers import AddedToken
 from transformers.image_processing_utils import BatchFeature
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.processing_utils import ProcessorMixin
+
+from .pipeline_voxlm import VoxLMPipeline
 
 IMAGE_TOKEN = "<im_patch>"
 BOX_START_TOKEN = "<bx_start>"
 BOX_END_TOKEN = "<bx_end>"
 SEG_TOKEN = "[SEG]"
 IGNORE_INDEX = -100
+VOLUME_PROCESSOR_KWARGS = {"modality", "window", "return_metadata"}
 BOX_PATTERN = re.compile(re.escape(BOX_START_TOKEN) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END_TOKEN))
 
 
@@ -63,6 +71,22 @@ def parse_boxes(text: str) -> list[list[float]]:
     return boxes
 
 
+def check_call_arguments(text, volume_inputs, padding, max_length, kwargs: dict) -> None:
+    """Refuse what `VoxLMProcessor.__call__` cannot honour, rather than drop it."""
+    if text is None:
+        raise ValueError("VoxLMProcessor needs `text` (the questions)")
+    if sum(given is not None for given in volume_inputs) > 1:
+        raise ValueError("Give `images` (one volume per question), `studies` (one study per question) or "
+                         "`pixel_values` (preprocessed volumes), not several")
+    unknown = sorted(set(kwargs) - VOLUME_PROCESSOR_KWARGS)
+    if unknown:
+        raise TypeError(f"VoxLMProcessor got unexpected keyword arguments {unknown}; the volume processor takes "
+                        f"{sorted(VOLUME_PROCESSOR_KWARGS)}")
+    if padding not in (True, "longest", "max_length") or (padding == "max_length" and max_length is None):
+        raise ValueError(f"padding={padding!r}: VoxLMProcessor pads to the longest sample (True, 'longest') or to "
+                         "max_length ('max_length', with max_length set)")
+
+
 class VoxLMProcessor(ProcessorMixin):
     r"""
     Volume processor + tokenizer for VoxLM.
@@ -99,34 +123,136 @@ class VoxLMProcessor(ProcessorMixin):
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; call add_voxlm_tokens(tokenizer) first")
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """`ProcessorMixin.save_pretrained`, and the code of [`VoxLMPipeline`] beside it: the pipeline that the
+        model config's `custom_pipelines` names for `pipeline("image-text-to-text", model=folder,
+        trust_remote_code=True)`."""
+        saved = super().save_pretrained(save_directory, **kwargs)
+        custom_object_save(VoxLMPipeline, save_directory)
+        return saved
+
     def num_study_image_tokens(self, num_scans: int) -> int:
         """Placeholders of a study prompt: `num_image_tokens` per series and one separator between series (the count
         `VoxLMConfig.num_study_image_tokens` gives)."""
         return num_scans * self.num_image_tokens + num_scans - 1
 
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True, chat_template=None) -> str:
+        """A conversation whose contents are text -> the prompt: the chat template (the tokenizer's, unless one is
+        given; the processor's `system_prompt` goes first when the conversation has no system turn), or for a
+        tokenizer without one (M3D's prompts), the contents of the turns that are not system turns, one per line."""
+        template = chat_template or self.tokenizer.chat_template
+        if template is None:
+            return "\n".join(message["content"] for message in messages if message["role"] != "system")
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
     def build_prompt(self, question: str, num_image_tokens: int | None = None) -> str:
         """The text of one prompt: image placeholders (`num_image_tokens`, default one volume's) and the question, in
         the chat template when there is one."""
-        content = self.image_token * (num_image_tokens or self.num_image_tokens) + question
-        if self.tokenizer.chat_template is None:
+        count = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        return self.render_messages([{"role": "user", "content": self.image_token * count + question}])
+
+    def prompt_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
+        """A rendered prompt's ids (BOS first when there is no chat template, as M3D's prompts begin), checking that
+        it holds `num_image_tokens` placeholders."""
+        ids = self.tokenizer(prompt, add_special_tokens=self.tokenizer.chat_template is None)["input_ids"]
+        count = ids.count(self.image_token_id)
+        if count != num_image_tokens:
+            raise ValueError(
+                f"The prompt holds {count} image tokens instead of {num_image_tokens}: the question must not "
+                f"contain {self.image_token!r}, and the tokenizer must keep it as one special token"
+            )
+        return ids
+
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, return_dict: bool = False, images=None, return_tensors="pt",
+                            **kwargs):
+        """Render conversations in transformers' message format, volumes included.
+
+        Args:
+            conversation (`list[dict]` or a list of them): messages `{"role": ..., "content": ...}` whose content is
+                text or a list of items `{"type": "text", "text": ...}` and `{"type": "image"}`; an image item holds its
+                volume under `path`, `url` (a local path or file URL) or `image` (anything `read_volume` takes), or
+                the volumes come in `images`, one per conversation. A conversation holds at most one volume (VoxLM
+                reads one per sample; a study goes through `processor(studies=...)`).
+            chat_template (`str`, *optional*): instead of the tokenizer's.
+            add_generation_prompt (`bool`, defaults to `False`): end with the assistant's turn opening, as
+                `processor(images=..., text=...)` does.
+            tokenize (`bool`, defaults to `False`): return ids (with `return_dict=True`, the model inputs, volumes
+                preprocessed, left padded for generation) instead of the prompt texts.
+            kwargs: passed to the volume processor (`modality`, `window`).
+
+        Returns:
+            The prompt (`str`, or a list for a list of conversations); with `tokenize=True`, `input_ids`, or with
+            `return_dict=True` a `BatchFeature` of `input_ids`, `attention_mask` and (with volumes) `pixel_values`.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        prompts, volumes = [], []
+        for messages in conversations:
+            rendered = [{**message, "content": self.content_text(message["content"], volumes)} for message in messages]
+            prompts.append(self.render_messages(rendered, add_generation_prompt, chat_template))
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        features = self.conversation_features(prompts, volumes, images, return_tensors, kwargs)
+        return features if return_dict else features["input_ids"]
+
+    def content_text(self, content, volumes: list) -> str:
+        """A message's content as text: image items become the placeholders of one volume, whose source (or `None`
+        for a bare `{"type": "image"}`) is appended to `volumes`."""
+        if isinstance(content, str):
             return content
-        messages = [{"role": "user", "content": content}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        parts = []
+        for item in content:
+            if item.get("type") == "text":
+                parts.append(item["text"])
+            elif item.get("type") == "image":
+                source = next((item[key] for key in ("path", "url", "image") if item.get(key) is not None), None)
+                volumes.append(source.removeprefix("file://") if isinstance(source, str) else source)
+                parts.append(self.image_token * self.num_image_tokens)
+            else:
+                raise ValueError(f"A content item of type {item.get('type')!r}: VoxLM takes 'text' and 'image' items")
+        return "".join(parts)
+
+    def conversation_features(self, prompts: list[str], volumes: list, images, return_tensors, kwargs) -> BatchFeature:
+        """Model inputs of rendered conversations: ids left padded, the volumes of their image items preprocessed."""
+        counts = [prompt.count(self.image_token) // self.num_image_tokens for prompt in prompts]
+        if max(counts) > 1:
+            raise ValueError("A conversation holds more than one volume; VoxLM reads one per sample (a study goes "
+                             "through processor(studies=...))")
+        volumes = [volume for volume in volumes if volume is not None]  # a bare {"type": "image"} names no volume
+        if images is not None:
+            volumes = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(volumes) != sum(counts):
+            raise ValueError(f"The conversations hold {sum(counts)} image items but {len(volumes)} volumes were given: "
+                             "put each volume in its item (`path`, `url` or `image`) or pass `images`")
+        samples = [(ids, [IGNORE_INDEX] * len(ids))
+                   for ids in (self.prompt_ids(p, c * self.num_image_tokens) for p, c in zip(prompts, counts))]
+        data = self.pad(samples, "left")
+        del data["labels"]
+        if volumes:
+            if 0 < sum(counts) < len(prompts):
+                raise ValueError("Either every conversation of a batch holds a volume or none does")
+            data.update(self.image_processor(volumes, return_tensors=return_tensors, **kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def tokenize(
         self, questions: list[str], answers: list[str] | None, image_token_counts: list[int] | None = None,
-        max_length: int | None = None,
+        max_length: int | None = None, truncation: bool = True,
     ) -> list[tuple[list[int], list[int]]]:
         """Per sample, `(input_ids, labels)`: labels are `-100` on the prompt and cover the answer and EOS.
-        `image_token_counts` gives each prompt's placeholders (studies); default: `num_image_tokens` each.
-        `max_length`: as in [`tokenize_one`]."""
+        `image_token_counts` gives each prompt's placeholders (0 for text only); default: `num_image_tokens` each.
+        `max_length`: as in [`tokenize_one`]; with `truncation=False` an answer that does not fit is refused."""
         samples = []
         for index, question in enumerate(questions):
             count = None if image_token_counts is None else image_token_counts[index]
             answer = None if answers is None else answers[index]
-            input_ids, labels, _ = self.tokenize_one(question, answer, count, max_length)
+            input_ids, labels, truncated = self.tokenize_one(question, answer, count, max_length)
+            if truncated and not truncation:
+                raise ValueError(f"sample {index}: the answer does not fit in max_length={max_length} tokens "
+                                 "(truncation=False)")
             samples.append((input_ids, labels))
         return samples
 
@@ -138,7 +264,8 @@ class VoxLMProcessor(ProcessorMixin):
 
         Args:
             question (`str`), answer (`str`, *optional*): the texts; `None` for the answer builds a generation prompt.
-            num_image_tokens (`int`, *optional*): the prompt's placeholders (default: one volume's).
+            num_image_tokens (`int`, *optional*): the prompt's placeholders (default: one volume's; 0 for a question
+                without a volume).
             max_length (`int`, *optional*): most tokens of prompt and answer; a longer answer is cut to fit
                 (`truncated` is then `True`), a prompt longer than this is refused.
 
@@ -149,15 +276,8 @@ class VoxLMProcessor(ProcessorMixin):
         for name, text in (("question", question), ("answer", answer)):
             if not isinstance(text, str) and not (name == "answer" and text is None):
                 raise ValueError(f"the {name} must be text, got {type(text).__name__}")
-        expected = num_image_tokens or self.num_image_tokens
-        use_bos = self.tokenizer.chat_template is None
-        prompt_ids = self.tokenizer(self.build_prompt(question, expected), add_special_tokens=use_bos)["input_ids"]
-        count = prompt_ids.count(self.image_token_id)
-        if count != expected:
-            raise ValueError(
-                f"The prompt holds {count} image tokens instead of {expected}: the question must not "
-                f"contain {self.image_token!r}, and the tokenizer must keep it as one special token"
-            )
+        expected = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        prompt_ids = self.prompt_ids(self.build_prompt(question, expected), expected)
         if max_length is not None and len(prompt_ids) > max_length:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens, more than max_length={max_length}")
         if answer is None:
@@ -169,9 +289,9 @@ class VoxLMProcessor(ProcessorMixin):
             answer_ids = answer_ids[:room]
         return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
 
-    def pad(self, samples, padding_side: str) -> dict[str, torch.Tensor]:
-        """Pad `(input_ids, labels)` pairs to one length on the given side."""
-        width = max(len(ids) for ids, _ in samples)
+    def pad(self, samples, padding_side: str, length: int | None = None) -> dict[str, torch.Tensor]:
+        """Pad `(input_ids, labels)` pairs to one length (the longest, or `length`) on the given side."""
+        width = max([len(ids) for ids, _ in samples] + [length or 0])
         input_ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -189,7 +309,10 @@ class VoxLMProcessor(ProcessorMixin):
         answers=None,
         masks=None,
         studies=None,
+        pixel_values=None,
         padding_side: str | None = None,
+        padding: bool | str = True,
+        truncation: bool = True,
         max_length: int | None = None,
         return_tensors: str = "pt",
         **kwargs,
@@ -207,37 +330,46 @@ class VoxLMProcessor(ProcessorMixin):
                 of as many studies. Adds `pixel_values (B, S, 1, D, H, W)` and `scan_mask (B, S)` (and with
                 `return_metadata=True`, `series_descriptions` beside `metadata`), and each prompt gets the
                 placeholders of its number of series.
+            pixel_values (`torch.Tensor` of shape `(B, 1, D, H, W)`, *optional*): instead of `images`, volumes this
+                processor already preprocessed (e.g. samples of `voxlm.data.PreprocessedStream`), used as they are.
+                Without `images`, `studies` or `pixel_values` the prompts hold no image placeholders (text only).
             padding_side (`str`, *optional*): `"left"` (the default without answers, for generation) or `"right"`
                 (the default with answers, for training).
-            max_length (`int`, *optional*): most tokens per sample; longer answers are cut, longer prompts refused.
-            **kwargs: passed to the volume processor (`modality`, `window`, `return_metadata`).
+            padding (`bool` or `str`, defaults to `True`): `True` / `"longest"` pads to the longest sample,
+                `"max_length"` to `max_length`.
+            truncation (`bool`, defaults to `True`): with `max_length`, cut answers that do not fit; `False` refuses
+                them. A prompt longer than `max_length` is always refused (cutting it would drop image tokens).
+            max_length (`int`, *optional*): most tokens per sample.
+            **kwargs: passed to the volume processor (`modality`, `window`, `return_metadata`); any other is refused.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (with images or studies), `labels` (with
             answers), and for studies `scan_mask`: all of them model inputs, so `model.generate(**features)` works
             (`metadata` and `series_descriptions`, asked for with `return_metadata=True`, must be popped first).
         """
-        if text is None:
-            raise ValueError("VoxLMProcessor needs `text` (the questions)")
-        if images is not None and studies is not None:
-            raise ValueError("Give `images` (one volume per question) or `studies` (one study per question), not both")
+        check_call_arguments(text, (images, studies, pixel_values), padding, max_length, kwargs)
         questions = [text] if isinstance(text, str) else list(text)
         if answers is not None:
             answers = [answers] if isinstance(answers, str) else list(answers)
             if len(answers) != len(questions):
                 raise ValueError(f"{len(answers)} answers were given for {len(questions)} questions")
         padding_side = padding_side or ("left" if answers is None else "right")
-        image_features, counts = None, None
-        if studies is not None:
+        image_features, counts = None, [0] * len(questions)
+        if pixel_values is not None:
+            image_features = {"pixel_values": torch.as_tensor(pixel_values)}
+            counts = [self.num_image_tokens] * len(questions)
+        elif studies is not None:
             image_features = self.process_studies(studies, isinstance(text, str), len(questions), masks, kwargs)
             counts = [self.num_study_image_tokens(int(n)) for n in image_features["scan_mask"].sum(dim=1)]
             if not kwargs.get("return_metadata"):
                 del image_features["series_descriptions"]
         elif images is not None:
             image_features = self.image_processor(images, masks=masks, return_tensors=return_tensors, **kwargs)
-            if image_features["pixel_values"].shape[0] != len(questions):
-                raise ValueError(f"{image_features['pixel_values'].shape[0]} volumes for {len(questions)} questions")
-        data = self.pad(self.tokenize(questions, answers, counts, max_length), padding_side)
+            counts = [self.num_image_tokens] * len(questions)
+        if image_features is not None and image_features["pixel_values"].shape[0] != len(questions):
+            raise ValueError(f"{image_features['pixel_values'].shape[0]} volumes for {len(questions)} questions")
+        samples = self.tokenize(questions, answers, counts, max_length, truncation)
+        data = self.pad(samples, padding_side, max_length if padding == "max_length" else None)
         if answers is None:
             del data["labels"]
         if image_features is not None:

@@ -176,9 +176,10 @@ def test_dataloader_workers_and_collators(phantom_dir, smollm2_tokenizer, minilm
 
     add_voxlm_tokens(smollm2_tokenizer)
     text_processor = VoxLMProcessor(processor, smollm2_tokenizer, num_image_tokens=4)
-    samples = list(PreprocessedStream(stream_rows(phantom_dir, "seg", "train"), processor, limit=2))
-    samples += list(PreprocessedStream(stream_rows(phantom_dir, "vqa", "train"), processor, limit=1))
+    samples = list(PreprocessedStream(stream_rows(phantom_dir, "seg", "train"), text_processor, limit=2))
+    samples += list(PreprocessedStream(stream_rows(phantom_dir, "vqa", "train"), text_processor, limit=1))
     batch = InstructionCollator(text_processor)(samples)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "seg_masks", "has_mask"}
     assert batch["has_mask"].tolist() == [True, True, False]
     assert batch["seg_masks"].shape == (3, 1, 8, 32, 32) and batch["seg_masks"][2].sum() == 0
     answer_tokens = batch["labels"][0][batch["labels"][0] != -100]

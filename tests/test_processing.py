@@ -291,7 +291,25 @@ def test_prompt_token_count_labels_and_padding(text_processor):
 
 def test_question_with_image_tokens_is_refused(text_processor):
     with pytest.raises(ValueError, match="9 image tokens instead of 8"):
+        text_processor.tokenize_one("<im_patch> sneaky")
+    with pytest.raises(ValueError, match="1 image tokens instead of 0"):
         text_processor(text=["<im_patch> sneaky"])
+
+
+def test_text_only_prompts_hold_no_image_tokens_and_unknown_arguments_are_refused(text_processor):
+    features = text_processor(text=["What is a CT?", "And an MRI?"])
+    assert "pixel_values" not in features
+    assert not (features["input_ids"] == text_processor.image_token_id).any()
+    assert features["input_ids"].shape[0] == 2 and features["attention_mask"].sum(1).min() > 3
+    padded = text_processor(text="What is a CT?", padding="max_length", max_length=40)
+    assert padded["input_ids"].shape == (1, 40) and padded["attention_mask"].sum() < 40
+    with pytest.raises(ValueError, match="truncation=False"):
+        text_processor(text="Q?", answers="word " * 50, max_length=40, truncation=False)
+    assert text_processor(text="Q?", answers="word " * 50, max_length=40)["input_ids"].shape == (1, 40)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['paddding'\]"):
+        text_processor(text="Q?", paddding=True)
+    with pytest.raises(ValueError, match="padding=False"):
+        text_processor(text="Q?", padding=False)
 
 
 def test_text_processor_round_trip_and_decoding(text_processor, tmp_path):

@@ -105,16 +105,15 @@ def train_stage(settings: MLLMSettings, prepare_trainable, stage: str):
     model, processor = load_model(settings)
     # Longer samples are cut to the LLM's context (positions beyond it have no embedding, and memory grows with it).
     context = getattr(model.config.text_config, "max_position_embeddings", None)
-    collator = InstructionCollator(processor, max_length=context)
+    collator = InstructionCollator(processor, report_bad_rows=True)
     model, no_decay = prepare_trainable(model)
     accelerator = build_accelerator(settings.run)
-    volume_processor = processor.image_processor
 
     def batches_for_epoch(epoch: int, skip_rows: list[int]):
         seed = settings.run.seed + epoch
         rows = mixed_rows(settings.data, accelerator.process_index, accelerator.num_processes, seed)
-        return epoch_loader(PreprocessedStream(rows, volume_processor, skip_rows=skip_rows), settings.run, collator,
-                            seed)
+        samples = PreprocessedStream(rows, processor, skip_rows=skip_rows, max_length=context)
+        return epoch_loader(samples, settings.run, collator, seed)
 
     model, _, accelerator = run_training(model, batches_for_epoch, lm_train_step, settings.run, accelerator, stage,
                                          no_decay)
