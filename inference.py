@@ -67,10 +67,13 @@ class Prediction:
         canonical_mask (`np.ndarray` of shape `(D, H, W)`, *optional*): the same mask on the canonical grid.
         volume (`Volume`): the input in the canonical layout (voxels included), for viewers; for a study, the series
             that the mask and boxes are on.
-        metadata (`VolumeMetadata`): the preprocessing geometry (crop, affine, orientation) of that volume.
+        metadata (`VolumeMetadata`): the preprocessing geometry (crop, affine, orientation) of that volume, and the
+            modality it was normalised as and why (`metadata.modality`, `metadata.modality_reason`).
         series (`list[str]`): for a study, the descriptions of its series in the order the model read them; else empty.
         mask_series (`int`, *optional*): for a study, the index in `series` of the series the mask and boxes are on.
         skipped_series (`list[str]`): for a study, DICOM series found but not readable as volumes, with the reason.
+        series_modalities (`list[dict]`): for a study, per series in `series`, the modality it was normalised as and
+            why: `{"modality": "CT", "reason": "the file's DICOM Modality tag"}`.
     """
 
     text: str
@@ -85,6 +88,12 @@ class Prediction:
     series: list[str] = field(default_factory=list)
     mask_series: int | None = None
     skipped_series: list[str] = field(default_factory=list)
+    series_modalities: list[dict] = field(default_factory=list)
+
+    @property
+    def modality(self) -> str:
+        """The modality the volume (a study's `mask_series`) was normalised as; why: `metadata.modality_reason`."""
+        return self.metadata.modality
 
     def save_mask(self, path: str | Path) -> Path:
         """Write the mask as NIfTI on the input's grid, with the input's affine."""
@@ -95,16 +104,20 @@ class Prediction:
         return path
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (without voxels); studies add `series`, `mask_series` and `skipped_series`."""
+        """JSON-ready summary (without voxels); studies add `series`, `series_modalities`, `mask_series` and
+        `skipped_series`."""
         summary = {
             "answer": self.text,
+            "modality": self.metadata.modality,
+            "modality_reason": self.metadata.modality_reason,
             "boxes": [[round(v, 3) for v in box] for box in self.boxes],
             "boxes_ras_mm": [np.round(corners, 2).tolist() for corners in self.boxes_world],
             "has_seg": self.has_seg,
             "mask_voxels": None if self.mask is None else int(self.mask.sum()),
         }
         if self.series:
-            summary.update(series=self.series, mask_series=self.mask_series, skipped_series=self.skipped_series)
+            summary.update(series=self.series, series_modalities=self.series_modalities, mask_series=self.mask_series,
+                           skipped_series=self.skipped_series)
         return summary
 
 
@@ -246,7 +259,9 @@ def predict(
             up to the model's `max_study_scans` series.
         question (`str`): the question (plain text; the processor builds the prompt).
         model, processor (*optional*): a VoxLM and its processor; `None` loads them with `load_voxlm()`.
-        modality (`str`, *optional*): `"CT"` or e.g. `"MR"`; default: the file's DICOM modality, else the processor's.
+        modality (`str`, *optional*): `"CT"` or e.g. `"MR"`; default: the file's DICOM modality, else the processor's
+            (`"MR"` for a volume that cannot be CT in Hounsfield units: `VoxVolumeProcessor.choose_modality`). The one
+            used is in `Prediction.modality`.
         window (`str` or `(low, high)`, *optional*): overrides the processor's CT window for this volume.
         max_new_tokens (`int`, defaults to 64): the answer's length limit.
         on_step (`Callable[[int, int], None]`, *optional*): called with `(tokens so far, max_new_tokens)`.
@@ -269,9 +284,11 @@ def predict(
                              f"(0 to {len(source) - 1})")
         inputs = processor(studies=source, text=question.strip(), modality=modality, window=window,
                            return_metadata=True)
+        study_metadata = inputs.pop("metadata")[0]
+        used = [{"modality": m.modality, "reason": m.modality_reason} for m in study_metadata]
         study = dict(series=inputs.pop("series_descriptions")[0], mask_series=mask_series,
-                     skipped_series=source.skipped)
-        metadata, source = inputs.pop("metadata")[0][mask_series], source.volumes[mask_series]
+                     skipped_series=source.skipped, series_modalities=used)
+        metadata, source = study_metadata[mask_series], source.volumes[mask_series]
     else:
         inputs = processor(images=[source], text=[question.strip()], modality=modality, window=window,
                            return_metadata=True)

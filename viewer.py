@@ -1,16 +1,20 @@
-"""Orthogonal slice views of a canonical volume, with a mask overlay and box outlines, for the Space and notebooks.
+"""Orthogonal slice views of a canonical volume, with a mask overlay, box outlines and orientation letters, for the
+Space and notebooks; and the lines of text the Space shows beside them.
 
 Display only: the intensity window comes from the model's volume processor (`window_range`), the geometry from the
 canonical layout `(D, H, W) = (S, A, R)` that `read_volume` gives. Slices are shown in radiological convention
-(anterior or superior at the top, the patient's right on the viewer's left) at their physical aspect ratio.
+(anterior or superior at the top, the patient's right on the viewer's left) at their physical aspect ratio, with the
+patient direction written on each edge (R/L, A/P, S/I).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import functools
 
-from voxlm.processing import CT_WINDOWS, Study, Volume
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from voxlm.processing import CT_WINDOWS, SEG_TOKEN, Study, Volume, is_ct
 
 MRI_WINDOW = "MRI (percentiles)"
 WINDOW_CHOICES = [*CT_WINDOWS, MRI_WINDOW]
@@ -24,6 +28,10 @@ MAX_PIXELS = 2048 * 2048
 # pixel would otherwise ask for a plane of billions of pixels. Real scans stay well below (5 mm slices of 0.4 mm
 # pixels: 12.5).
 MAX_VOXEL_ASPECT = 50.0
+# The patient directions at the low and high index ends of the canonical axes (D, H, W) = (S, A, R) of `read_volume`.
+AXIS_ENDS = (("I", "S"), ("P", "A"), ("L", "R"))
+# Light blue with a black outline: legible on black and on bone, and told apart from the red mask and the yellow boxes.
+LETTER_COLOUR = (140, 230, 255)
 
 
 def window_settings(choice: str) -> tuple[str | None, str | None]:
@@ -33,6 +41,25 @@ def window_settings(choice: str) -> tuple[str | None, str | None]:
     if choice not in CT_WINDOWS:
         raise ValueError(f"Unknown window {choice!r}; choose one of {WINDOW_CHOICES}")
     return "CT", choice
+
+
+def window_for(modality: str, choice: str, ct_window="brain") -> str:
+    """The window menu entry to show a volume normalised as `modality` with: `MRI_WINDOW` for anything but CT; for CT
+    the visitor's `choice`, except that `MRI_WINDOW` gives way to the model's CT preset (`ct_window`; `"brain"` when
+    the model's window is a `(low, high)` range, which the menu does not list)."""
+    if not is_ct(modality):
+        return MRI_WINDOW
+    if choice != MRI_WINDOW:
+        return choice
+    return ct_window if isinstance(ct_window, str) and ct_window in CT_WINDOWS else "brain"
+
+
+def modality_override(choice: str, shown: str) -> str | None:
+    """The modality to ask the model for: `None` (each series' own, as the processor chooses) while the window menu
+    agrees with the shown series' modality `shown`; the menu's modality when the visitor switched it between CT and
+    MRI. CT presets themselves change the view only; the model keeps its own window."""
+    modality, _ = window_settings(choice)
+    return modality if is_ct(modality) != is_ct(shown) else None
 
 
 def display_volume(volume: Volume, volume_processor, choice: str) -> np.ndarray:
@@ -57,10 +84,45 @@ def _outline(rgb: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> N
     rgb[rows[0] : rows[1] + 1, cols[1]] = BOX_COLOUR
 
 
+def orientation_letters(plane: str) -> dict[str, str]:
+    """The patient direction at each edge of a `render_plane` image of `plane`.
+
+    Returns:
+        `dict[str, str]`: `{"top", "bottom", "left", "right"}` -> one of R, L, A, P, S, I; axial is
+        `{"top": "A", "bottom": "P", "left": "R", "right": "L"}`.
+    """
+    rows, cols = (axis for axis in range(3) if axis != PLANES.index(plane))
+    # `render_plane` flips both image axes: the high index end of the row axis is at the top, of the column axis at
+    # the left.
+    return {"top": AXIS_ENDS[rows][1], "bottom": AXIS_ENDS[rows][0], "left": AXIS_ENDS[cols][1],
+            "right": AXIS_ENDS[cols][0]}
+
+
+@functools.lru_cache(maxsize=8)
+def _letter_font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def draw_letters(image: Image.Image, letters: dict[str, str]) -> None:
+    """Write letters in place at the middle of the edges of an RGB image (`orientation_letters`' keys), in
+    `LETTER_COLOUR` with a black outline; nothing on images too small to hold them."""
+    width, height = image.size
+    size = max(10, min(width, height) // 16)
+    if min(width, height) < 4 * size:
+        return
+    draw, margin = ImageDraw.Draw(image), 2
+    places = {"top": ((width / 2, margin), "mt"), "bottom": ((width / 2, height - margin), "mb"),
+              "left": ((margin, height / 2), "lm"), "right": ((width - margin, height / 2), "rm")}
+    for edge, letter in letters.items():
+        position, anchor = places[edge]
+        draw.text(position, letter, fill=LETTER_COLOUR, font=_letter_font(size), anchor=anchor, stroke_width=1,
+                  stroke_fill=(0, 0, 0))
+
+
 def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0, 1.0), mask: np.ndarray | None = None,
                  boxes=(), min_size: int = 256, max_pixels: int = MAX_PIXELS,
-                 max_voxel_aspect: float = MAX_VOXEL_ASPECT) -> np.ndarray:
-    """One slice as an RGB image with the mask and the boxes drawn on it.
+                 max_voxel_aspect: float = MAX_VOXEL_ASPECT, letters: bool = True) -> np.ndarray:
+    """One slice as an RGB image with the mask, the boxes and the patient directions drawn on it.
 
     Args:
         display (`np.ndarray` of shape `(D, H, W)`): windowed voxels in [0, 1] (`display_volume`).
@@ -74,6 +136,7 @@ def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0,
             are then skipped, nearest neighbour).
         max_voxel_aspect (`float`, defaults to `MAX_VOXEL_ASPECT`): a voxel's drawn height / width is clamped to
             `[1 / max_voxel_aspect, max_voxel_aspect]`; beyond it the image is not at the physical aspect ratio.
+        letters (`bool`, defaults to `True`): write the patient direction on each edge (`orientation_letters`).
 
     Returns:
         `np.ndarray` of shape `(rows, cols, 3)`, uint8.
@@ -101,6 +164,8 @@ def render_plane(display: np.ndarray, plane: str, index: int, spacing=(1.0, 1.0,
     scale = min(scale, np.sqrt(max_pixels / (height * width)))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL takes (width, height)
     pixels = Image.fromarray(np.round(rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
+    if letters:
+        draw_letters(pixels, orientation_letters(plane))
     return np.asarray(pixels)
 
 
@@ -120,3 +185,33 @@ def describe_series(study: Study, series: int) -> str:
     shown = f"series {series}. {study.descriptions[series]} of {len(study)}: " if len(study) > 1 else ""
     skipped = "".join(f"; skipped {reason}" for reason in study.skipped)
     return f"{shown}{shape} voxels (D x H x W), spacing {spacing} mm{skipped}"
+
+
+def describe_modality(modality: str, reason: str, choice: str) -> str:
+    """One status sentence: the modality a volume is read as and why, and the window it is shown with."""
+    override = "" if is_ct(modality) else "; pick a CT window to have the model read it as CT"
+    return f"Modality {modality}: {reason}{override}. Shown with the {choice} window."
+
+
+def describe_boxes(prediction) -> str:
+    """A Markdown list of the boxes of a `voxlm.inference.Prediction`: model coordinates and RAS mm corners."""
+    summary = prediction.to_dict()
+    return "\n".join(f"- box {box} (z1, y1, x1, z2, y2, x2 in [0, 1]); RAS mm corners {world}"
+                     for box, world in zip(summary["boxes"], summary["boxes_ras_mm"]))
+
+
+def answer_for_display(text: str, mask: np.ndarray | None) -> str:
+    """The answer with each `[SEG]` token replaced by a note on the mask it produced: shown in red, empty, or absent
+    (a model without a mask head).
+
+    Args:
+        text (`str`): the answer (`Prediction.text`, `[SEG]` kept).
+        mask (`np.ndarray`, *optional*): the predicted mask, `None` when the model made none.
+    """
+    if mask is None:
+        note = "(no mask: this model has no mask head)"
+    elif not mask.any():
+        note = "(the predicted mask is empty)"
+    else:
+        note = "(the mask shown in red on the slices)"
+    return text.replace(SEG_TOKEN, note)

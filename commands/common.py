@@ -9,7 +9,8 @@ from voxlm.inference import CLIP_MODEL_ENV, DEFAULT_CLIP_MODEL, ModelNotFoundErr
 from voxlm.processing import VolumeError
 
 VOLUME_HELP = "a NIfTI file, a DICOM series folder or .zip, an NRRD/MHA file or a .npy array (D, H, W)"
-MODALITY_HELP = "CT (Hounsfield window) or MR (percentile window); default: the file's DICOM Modality, else the model's"
+MODALITY_HELP = ("CT (Hounsfield window) or MR (percentile window); default: the file's DICOM Modality, else the "
+                 "model's, except that a volume without air (below -200 HU), which cannot be CT, is read as MR")
 CLIP_MODEL_HELP = f"a VoxCLIP folder or Hub id (default: ${CLIP_MODEL_ENV}, else {DEFAULT_CLIP_MODEL})"
 JSON_HELP = "print the result as JSON"
 

@@ -37,8 +37,11 @@ def run(args) -> None:
     lines = [prediction.text]
     if prediction.series:
         lines.append(f"study of {len(prediction.series)} series; mask and boxes on series {prediction.mask_series}:")
-        lines += [f"  {index}. {description}" for index, description in enumerate(prediction.series)]
+        lines += [f"  {index}. {description}: {used['modality']} ({used['reason']})"
+                  for index, (description, used) in enumerate(zip(prediction.series, prediction.series_modalities))]
         lines += [f"  skipped: {reason}" for reason in prediction.skipped_series]
+    else:
+        lines.append(f"modality: {prediction.modality} ({prediction.metadata.modality_reason})")
     for box, world in zip(result["boxes"], result["boxes_ras_mm"]):
         lines.append(f"box (z1, y1, x1, z2, y2, x2 in [0, 1]): {box}; corners in RAS mm: {world}")
     result["mask_path"] = None

@@ -1,7 +1,14 @@
 """Volumes in, tensors out: readers, the volume processor, and the volume + text processor."""
 
+from .image_processing_voxlm import (
+    CT_WINDOWS,
+    VolumeMetadata,
+    VoxVolumeProcessor,
+    is_ct,
+    pad_studies,
+    resize_volume,
+)
 from .pipeline_voxlm import VoxLMPipeline
-from .image_processing_voxlm import CT_WINDOWS, VolumeMetadata, VoxVolumeProcessor, pad_studies, resize_volume
 from .processing_voxlm import (
     BOX_END_TOKEN,
     BOX_START_TOKEN,
@@ -30,6 +37,7 @@ __all__ = [
     "VoxVolumeProcessor",
     "add_voxlm_tokens",
     "format_box",
+    "is_ct",
     "pad_studies",
     "parse_boxes",
     "read_study",

@@ -2,9 +2,14 @@
 
 Steps, each recorded in `preprocessor_config.json`:
 
-    read (any format) -> canonical orientation (RAS, depth first) -> intensity: CT Hounsfield window / other
-    modalities percentile window -> scale to [0, 1] -> crop the foreground (voxels above the window's low end)
-    -> resize to `image_size` (trilinear; masks nearest) -> (1, D, H, W) float32
+    read (any format) -> canonical orientation (RAS, depth first) -> modality (the caller's, the DICOM tag, the
+    processor's; `choose_modality`) -> intensity: CT Hounsfield window / other modalities percentile window -> scale
+    to [0, 1] -> crop the foreground (voxels above the window's low end) -> resize to `image_size` (trilinear; masks
+    nearest) -> (1, D, H, W) float32
+
+The modality is never guessed silently: each volume's `VolumeMetadata` records the one used and why, and a volume
+that cannot be CT in Hounsfield units (no air: hardly a voxel below -200, where air is -1000 HU) is not put through
+a CT window unless the caller asks for it, since the window would turn it black.
 
 Training collators, evaluation, the CLI and the Space all call it, so a saved model carries its exact preprocessing.
 A study (several series) goes through the same steps series by series, and studies are zero-padded to one number of
@@ -13,6 +18,7 @@ scans with a `scan_mask`: `(B, S, 1, D, H, W)`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,24 @@ CT_WINDOWS = {
     "bone": (-450.0, 1050.0),
 }
 CT_MODALITIES = ("CT",)
+# A CT in Hounsfield units has air: -1000 HU outside the body, in the airways, sinuses and bowel, and lung is -500 to
+# -900, while fat (-50 to -150 HU, noise included) stays above -200. A magnitude MRI has no negative intensities; only
+# resampling overshoots below 0, on a few edge voxels. So a volume is taken for CT when more than a thousandth of its
+# voxels lie below -200 (pydicom's CT5N, a 16 x 16 crop of a CT, has 18%; the phantoms 75%), a share that edge
+# overshoot hardly reaches. A CT cropped or skull-stripped to soft tissue with a background of 0 lacks it and is
+# normalised as MR with a warning naming `modality="CT"`: its contrast stays visible, where the opposite mistake (a CT
+# window on an MRI of intensities 0 to 1 or 0 to 255) maps the whole volume to black or white.
+CT_AIR_BELOW = -200.0
+CT_MIN_AIR_SHARE = 1e-3
+# What a volume that cannot be CT is normalised as: the percentile window of every modality other than CT.
+NOT_CT_MODALITY = "MR"
+
+logger = logging.getLogger(__name__)
+
+
+def is_ct(modality: str) -> bool:
+    """Whether `modality` (a DICOM Modality code such as `"CT"`, `"MR"`, any case) is windowed in Hounsfield units."""
+    return modality.upper() in CT_MODALITIES
 
 
 @dataclass
@@ -44,11 +68,16 @@ class VolumeMetadata:
         volume (`Volume`): the canonical volume's geometry (affine, orientation, source shape); its voxels are dropped.
         canonical_shape (`tuple[int, int, int]`): the canonical `(D, H, W)` before cropping.
         crop (`tuple[tuple[int, int], ...]`): the foreground box `((d0, d1), (h0, h1), (w0, w1))` in canonical voxels.
+        modality (`str`, *optional*): the modality the volume was normalised as (`"CT"`: a Hounsfield window; any
+            other: percentiles), from [`VoxVolumeProcessor.choose_modality`].
+        modality_reason (`str`, *optional*): why that modality, e.g. `"the file's DICOM Modality tag"`.
     """
 
     volume: Volume
     canonical_shape: tuple[int, int, int]
     crop: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    modality: str | None = None
+    modality_reason: str | None = None
 
 
 def resize_volume(array: np.ndarray | torch.Tensor, size, mode: str = "trilinear") -> torch.Tensor:
@@ -84,8 +113,11 @@ class VoxVolumeProcessor(BaseImageProcessor):
 
     Args:
         image_size (`tuple[int, int, int]`, *optional*, defaults to `(32, 256, 256)`): output `(D, H, W)`.
-        modality (`str`, *optional*, defaults to `"CT"`): `"CT"` uses `ct_window`; anything else (`"MR"`, ...) uses
-            `percentiles`. A call may override it per batch.
+        modality (`str`, *optional*, defaults to `"CT"`): the modality of volumes that neither the call nor the file
+            names: `"CT"` uses `ct_window`; anything else (`"MR"`, ...) uses `percentiles`. With `"CT"`, a volume
+            without air (at most `CT_MIN_AIR_SHARE` of its voxels below -200), which cannot be CT in Hounsfield units,
+            is normalised as `"MR"` instead, with a warning. A call's `modality` always wins, then the file's DICOM
+            Modality tag (`choose_modality`).
         ct_window (`str` or `tuple[float, float]`, *optional*, defaults to `"brain"`): a preset name from
             `CT_WINDOWS` (brain, subdural, stroke, soft_tissue, lung, bone) or a `(low, high)` range in HU.
         percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`): intensity window of non-CT volumes.
@@ -125,7 +157,7 @@ class VoxVolumeProcessor(BaseImageProcessor):
 
     def window_range(self, modality: str, array: np.ndarray | None = None, window=None) -> tuple[float, float]:
         """The intensity range mapped to [0, 1]: the CT window in HU, or the volume's percentiles."""
-        if modality.upper() in CT_MODALITIES:
+        if is_ct(modality):
             window = self.ct_window if window is None else window
             if isinstance(window, str):
                 if window not in CT_WINDOWS:
@@ -139,6 +171,43 @@ class VoxVolumeProcessor(BaseImageProcessor):
         if not low < high:
             raise VolumeError("the volume's intensity percentiles coincide; it holds no contrast to scale")
         return float(low), float(high)
+
+    def choose_modality(self, volume: Volume, modality: str | None = None) -> tuple[str, str]:
+        """The modality a volume is normalised as, and why. In order: the caller's `modality`; the file's DICOM
+        Modality tag; the processor's `modality`, except that a volume without air (at most `CT_MIN_AIR_SHARE` of its
+        voxels below `CT_AIR_BELOW`, -200) cannot be CT in Hounsfield units and is normalised as `"MR"` rather than
+        put through the CT window (logged as a warning). A CT window that the caller asks for on such a volume is
+        applied, with a warning.
+
+        Args:
+            volume (`Volume`): the canonical volume (`read_volume`); its `modality` is the file's DICOM tag, if any.
+            modality (`str`, *optional*): the caller's choice, which always wins.
+
+        Returns:
+            `tuple[str, str]`: `(modality, reason)`, e.g. `("MR", "no voxel below -200 (the lowest is 0), ...")`.
+        """
+        air = float(np.mean(volume.array < CT_AIR_BELOW))
+        fits_hounsfield = air > CT_MIN_AIR_SHARE
+        share = "no voxel" if air == 0 else f"only {air:.2%} of voxels"
+        not_hounsfield = (f"{share} below {CT_AIR_BELOW:g} (the lowest is {float(volume.array.min()):.4g}), so not CT "
+                          "in Hounsfield units, where air is -1000")
+        if modality:
+            if is_ct(modality) and not fits_hounsfield:
+                logger.warning("%s: the CT window is applied as asked to a volume with %s; it may come out black or "
+                               "white", volume.source, not_hounsfield)
+            return modality, "given by the caller"
+        if volume.modality:
+            # A DICOM CT is in Hounsfield units by the standard (the reader applies the rescale), even cropped to
+            # soft tissue, so the tag outranks the intensity rule.
+            return volume.modality, "the file's DICOM Modality tag"
+        if not is_ct(self.modality):
+            return self.modality, "the processor's modality"
+        if fits_hounsfield:
+            return self.modality, (f"the processor's modality, and {air:.1%} of voxels lie below {CT_AIR_BELOW:g} "
+                                   "as air does in Hounsfield units")
+        logger.warning("%s: normalised as %s by percentiles, not with the processor's CT window: %s; pass "
+                       "modality='CT' if it is a CT", volume.source, NOT_CT_MODALITY, not_hounsfield)
+        return NOT_CT_MODALITY, not_hounsfield
 
     def foreground_box(self, array: np.ndarray, low: float) -> tuple[tuple[int, int], ...]:
         """The box of voxels above `low` (after scaling: above 0, MONAI's `CropForeground` default)."""
@@ -162,7 +231,10 @@ class VoxVolumeProcessor(BaseImageProcessor):
             window (`str` or `tuple`, *optional*): overrides `self.ct_window` for this volume.
         """
         volume = read_volume(volume, max_voxels=self.max_voxels, nan_policy=self.nan_policy)
-        modality = modality or volume.modality or self.modality
+        modality, reason = self.choose_modality(volume, modality)
+        if window is not None and not is_ct(modality):
+            logger.warning("%s: the CT window %r is not used: the volume is normalised as %s (%s)", volume.source,
+                           window, modality, reason)
         low, high = self.window_range(modality, volume.array, window)
         # Cropping before scaling touches fewer voxels; "above low" before scaling is "above 0" after it.
         box = self.foreground_box(volume.array, low)
@@ -175,7 +247,8 @@ class VoxVolumeProcessor(BaseImageProcessor):
             array=np.empty(0, dtype=np.float32), affine=volume.affine, spacing=volume.spacing, source=volume.source,
             orientation=volume.orientation, source_shape=volume.source_shape, modality=volume.modality,
         )
-        return pixel_values, VolumeMetadata(volume=geometry, canonical_shape=volume.array.shape, crop=box)
+        return pixel_values, VolumeMetadata(volume=geometry, canonical_shape=volume.array.shape, crop=box,
+                                            modality=modality, modality_reason=reason)
 
     def preprocess_mask(self, mask, metadata: VolumeMetadata) -> torch.Tensor:
         """A mask on its volume's canonical grid -> `(1, D, H, W)` in {0, 1}, cropped and resized (nearest) like it.
@@ -267,7 +340,8 @@ class VoxVolumeProcessor(BaseImageProcessor):
             volumes: a volume (path, array, tensor, `Volume`) or a list of them.
             masks (*optional*): one mask per volume (or `None` entries), on each volume's grid; adds `seg_masks`.
             modality (`str`, *optional*), window (*optional*): override the processor's settings for this call.
-            return_metadata (`bool`, defaults to `False`): add `metadata`, a list of `VolumeMetadata`.
+            return_metadata (`bool`, defaults to `False`): add `metadata`, a list of `VolumeMetadata` (the crop, and
+                the modality each volume was normalised as and why).
 
         Returns:
             `BatchFeature` with `pixel_values (B, 1, D, H, W)` float32, `seg_masks (B, 1, D, H, W)` and `has_mask (B,)`
@@ -300,7 +374,7 @@ class VoxVolumeProcessor(BaseImageProcessor):
             masks (*optional*): per study, a mask on the grid of its first series (or `None`); adds `seg_masks` and
                 `has_mask`, the targets of `VoxLMForConditionalGeneration` with `seg_scan_index=0`.
             modality (`str`, *optional*), window (*optional*): override the processor's settings for every series
-                (default: each series' own DICOM modality, else the processor's).
+                (default: each series' own DICOM modality, else the processor's, as `choose_modality` decides).
             max_series (`int`, *optional*): refuse studies with more series (`VoxLMConfig.max_study_scans`).
             return_metadata (`bool`, defaults to `False`): add `metadata`, per study a list of `VolumeMetadata`.
 
@@ -331,4 +405,5 @@ class VoxVolumeProcessor(BaseImageProcessor):
         return features
 
 
-__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "pad_studies", "resize_volume"]
+__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "CT_AIR_BELOW", "CT_MIN_AIR_SHARE", "is_ct",
+           "pad_studies", "resize_volume"]

@@ -68,29 +68,34 @@ def render(view, axial, coronal, sagittal):
 
 
 def show(study, series: int, window, path) -> tuple:
-    """A fresh per-visitor view of one series of a study, its three slice sliders and a line describing it."""
-    volume = study.volumes[series]
+    """A fresh per-visitor view of one series of a study, the window menu set for its modality (the processor's
+    choice: an MRI is never shown through a CT window), its three slice sliders and a line describing both."""
+    volume, processor = study.volumes[series], volume_processor()
+    modality, reason = processor.choose_modality(volume)
+    window = viewer.window_for(modality, window, processor.ct_window)
     view = {"path": str(path), "study": study, "series": series, "volume": volume, "mask": None, "boxes": [],
-            "display": viewer.display_volume(volume, volume_processor(), window)}
+            "modality": modality, "display": viewer.display_volume(volume, processor, window)}
     sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1) for n in volume.array.shape]
-    return view, *sliders, viewer.describe_series(study, series)
+    status = f"{viewer.describe_series(study, series)}. {viewer.describe_modality(modality, reason, window)}"
+    return view, gr.Dropdown(viewer.WINDOW_CHOICES, value=window), *sliders, status
 
 
 def load(paths, window):
-    """Read a volume or a study into a fresh per-visitor view; returns it, the series menu, sliders and a status."""
+    """Read a volume or a study into a fresh per-visitor view; returns it, the series and window menus, sliders, a
+    status."""
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     if not paths:
-        return None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+        return None, *[gr.skip()] * 5, ""
     source, name = (paths[0], Path(paths[0]).name) if len(paths) == 1 else (paths, f"{len(paths)} files")
     try:
         study = inference.read_study_input(source, volume_processor(), limits=READ_LIMITS)  # refused before reading
-        view, *sliders, status = show(study, 0, window, paths[0])
+        view, window, *sliders, status = show(study, 0, window, paths[0])
     except USER_ERRORS as error:  # the message names the file; the server's upload folder stays private
         message = functools.reduce(lambda text, p: text.replace(str(Path(p).parent) + os.sep, ""), paths, str(error))
         menu, sliders = gr.Dropdown([], value=None), [gr.Slider(value=0, maximum=1)] * 3
-        return None, menu, *sliders, f"**Cannot use this file:** {message}"
+        return None, menu, gr.skip(), *sliders, f"**Cannot use this file:** {message}"
     menu = gr.Dropdown(choices=[(f"{i}. {d}", i) for i, d in enumerate(study.descriptions)], value=0)
-    return view, menu, *sliders, f"Loaded {name}: {status}"
+    return view, menu, window, *sliders, f"Loaded {name}: {status}"
 
 
 def rewindow(view, window):
@@ -103,13 +108,12 @@ def ask(view, question, window, progress=gr.Progress()):
     """Answer the question; with [SEG], put the mask on the view and offer it as NIfTI on the input's grid."""
     if view is None:
         return view, "Load a volume first (upload one or pick a bundled case).", "", None
-    modality, _ = viewer.window_settings(window)  # CT presets change the view only; the model keeps its window
     try:
         progress(0, desc="Loading the model")
         model, processor = voxlm_model()
         progress(0, desc="Reading the volume")
         prediction = inference.predict(
-            view["study"], question, model, processor, modality="MR" if modality == "MR" else None,
+            view["study"], question, model, processor, modality=viewer.modality_override(window, view["modality"]),
             max_new_tokens=MAX_NEW_TOKENS, on_step=lambda done, total: progress((done, total), desc="Generating"),
             mask_series=view["series"])
     except USER_ERRORS as error:
@@ -119,11 +123,8 @@ def ask(view, question, window, progress=gr.Progress()):
         folder = Path(tempfile.mkdtemp(prefix="voxlm-mask-"))
         series = f"_series{view['series']}" if prediction.series else ""
         mask_file = str(prediction.save_mask(folder / f"{Path(view['path']).name.split('.')[0]}{series}_mask.nii.gz"))
-    summary = prediction.to_dict()
-    boxes = "\n".join(f"- box {box} (z1, y1, x1, z2, y2, x2 in [0, 1]); RAS mm corners {world}"
-                      for box, world in zip(summary["boxes"], summary["boxes_ras_mm"]))
-    view = {**view, "mask": prediction.canonical_mask, "boxes": prediction.boxes_canonical}
-    return view, prediction.text, boxes, mask_file
+    answer, boxes = viewer.answer_for_display(prediction.text, prediction.mask), viewer.describe_boxes(prediction)
+    return {**view, "mask": prediction.canonical_mask, "boxes": prediction.boxes_canonical}, answer, boxes, mask_file
 
 
 def closest_reports(view):
@@ -150,7 +151,7 @@ def build_demo() -> gr.Blocks:
                              file_types=[".nii", ".gz", ".zip", ".nrrd", ".nhdr", ".mha", ".npy", ".dcm"])
             with gr.Column():
                 bundled = gr.Dropdown(list(BUNDLED), value=None, label="or a bundled phantom case")
-                window = gr.Dropdown(viewer.WINDOW_CHOICES, value="brain", label="Window preset")
+                window = gr.Dropdown(viewer.WINDOW_CHOICES, value="brain", label="Window preset", elem_id="window")
                 series = gr.Dropdown([], value=None, label="Series shown (masks are drawn on it)", elem_id="series")
         status = gr.Markdown(elem_id="status")
         with gr.Row():
@@ -172,7 +173,7 @@ def build_demo() -> gr.Blocks:
 
         view_events = dict(fn=render, inputs=[view, *sliders], outputs=images, show_progress="hidden",
                            concurrency_limit=4)
-        load_outputs = [view, series, *sliders, status]
+        load_outputs = [view, series, window, *sliders, status]
         # A new volume clears the answer, mask and reports of the previous one.
         clear = dict(fn=lambda: ("", "", None, ""), outputs=[answer, boxes, mask_file, reports], show_progress="hidden")
         upload.upload(load, [upload, window], load_outputs).then(**view_events).then(**clear)
@@ -180,7 +181,7 @@ def build_demo() -> gr.Blocks:
                       load_outputs).then(**view_events).then(**clear)
         # The menu lists the series of a loaded study only, so a pick always has a view to show.
         series.input(lambda v, index, w: show(v["study"], index, w, v["path"]), [view, series, window],
-                     [view, *sliders, status]).then(**view_events).then(**clear)
+                     [view, window, *sliders, status]).then(**view_events).then(**clear)
         window.input(rewindow, [view, window], [view]).then(**view_events)
         for slider in sliders:
             slider.change(trigger_mode="always_last", **view_events)

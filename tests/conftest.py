@@ -45,6 +45,17 @@ def minilm_dir():
 
 
 @pytest.fixture(scope="session")
+def mni_path(tmp_path_factory):
+    """nilearn's MNI152 T1 template at 2 mm (99 x 117 x 95, intensities 0 to 1: an MRI) saved as NIfTI."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
+    nib.save(load_mni152_template(resolution=2), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_model_dirs(tmp_path_factory, minilm_dir):
     """`(voxlm_dir, clip_dir)`: a tiny VoxLM trained to answer `tiny_models.DEMO_SEG_QUESTION` with `[SEG]` and a
     tiny VoxCLIP, saved as folders, for the CLI and Space tests."""

@@ -24,15 +24,6 @@ MNI152_T1 = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t
 
 
 @pytest.fixture(scope="module")
-def mni_path(tmp_path_factory):
-    from nilearn.datasets import load_mni152_template
-
-    path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
-    nib.save(load_mni152_template(resolution=2), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def voxlm_pair(demo_model_dirs):
     return inference.load_voxlm(str(demo_model_dirs[0]))
 
@@ -48,6 +39,7 @@ def test_predict_on_nilearns_mni152_t1_writes_the_mask_on_its_grid_and_affine(de
                        "--model", str(demo_model_dirs[0]), "--modality", "MR", "--json"], capsys)
     result = json.loads(printed)
     assert "[SEG]" in result["answer"] and result["has_seg"] and result["mask_path"] == str(out)
+    assert (result["modality"], result["modality_reason"]) == ("MR", "given by the caller")
     source, mask = nib.load(MNI152_T1), nib.load(out)
     assert mask.shape == source.shape
     np.testing.assert_allclose(mask.affine, source.affine)
@@ -64,7 +56,7 @@ def test_predict_on_the_pydicom_ct_series_folder_and_zip(demo_model_dirs, tmp_pa
     for volume, out in ((CT5N, tmp_path / "folder.nii.gz"), (archive, tmp_path / "zip.nii.gz")):
         printed = run_cli(["predict", str(volume), "--question", DEMO_SEG_QUESTION, "--mask-out", str(out),
                            "--model", str(demo_model_dirs[0])], capsys)
-        assert f"written to {out}" in printed
+        assert f"written to {out}" in printed and "\nmodality: CT (the file's DICOM Modality tag)\n" in printed
         mask = nib.load(out)
         assert mask.shape == source.source_shape
         np.testing.assert_allclose(mask.affine, source.affine)
@@ -94,6 +86,10 @@ def test_predict_on_a_study_of_two_files_puts_the_mask_on_the_chosen_series(demo
                                      "--model", str(demo_model_dirs[0]), "--json"], capsys))
         assert result["has_seg"] and result["mask_series"] == series and result["skipped_series"] == []
         assert result["series"] == [MNI152_T1.name, "SmartScore - Gated 0.5 sec"]
+        # Without --modality: the MRI by its intensities (no air), the CT by its DICOM tag.
+        assert [used["modality"] for used in result["series_modalities"]] == ["MR", "CT"]
+        assert result["series_modalities"][0]["reason"].startswith("no voxel below -200 (the lowest is 0)")
+        assert result["series_modalities"][1]["reason"] == "the file's DICOM Modality tag"
         mask = nib.load(out)
         assert mask.shape == (source.shape if series == 0 else source.source_shape)
         np.testing.assert_allclose(mask.affine, source.affine)
@@ -107,7 +103,8 @@ def test_predict_on_a_dicom_study_folder_and_zip_lists_its_series(demo_model_dir
     assert printed[0] == printed[1]
     lines = printed[0].splitlines()
     assert "[SEG]" in lines[0] and lines[1] == "study of 2 series; mask and boxes on series 0:"
-    assert lines[2:4] == ["  0. SmartScore - Gated 0.5 sec", f"  1. {SECOND_SERIES}"]
+    tag = "CT (the file's DICOM Modality tag)"
+    assert lines[2:4] == [f"  0. SmartScore - Gated 0.5 sec: {tag}", f"  1. {SECOND_SERIES}: {tag}"]
     assert lines[4].startswith(f"  skipped: {LOCALISER}: the series has a single slice")
 
 
@@ -235,3 +232,45 @@ def test_viewer_draws_mask_and_box_in_radiological_orientation():
     assert sagittal.shape[0] == coronal.shape[0]
     with pytest.raises(ValueError, match="Unknown window"):
         viewer.window_settings("tissue")
+
+
+def test_slices_carry_the_patients_directions_on_their_edges(tmp_path):
+    """A bright block on the patient's left, anterior and superior, in a file stored with an LPS affine (as DICOM
+    converters write): in each plane it lies on the sides labelled with those letters, and the letters are drawn."""
+    from PIL import Image
+
+    data = np.zeros((20, 24, 16), np.float32)
+    data[14:19, 2:7, 10:15] = 1.0  # x = -i mm: high i is the patient's left; y = -j: low j anterior; high k superior
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0])), tmp_path / "lps.nii.gz")
+    volume = read_volume(tmp_path / "lps.nii.gz")
+    centre = np.argwhere(volume.array > 0.5).mean(axis=0).round().astype(int)
+    expected = {"axial": {"L", "A"}, "coronal": {"L", "S"}, "sagittal": {"A", "S"}}
+    for plane, index in zip(viewer.PLANES, centre):
+        plain = viewer.render_plane(volume.array, plane, index, letters=False)
+        labelled = viewer.render_plane(volume.array, plane, index)
+        rows, cols = np.nonzero(plain[..., 0] > 128)
+        letters = viewer.orientation_letters(plane)
+        vertical = "top" if rows.mean() < plain.shape[0] / 2 else "bottom"
+        horizontal = "left" if cols.mean() < plain.shape[1] / 2 else "right"
+        assert {letters[vertical], letters[horizontal]} == expected[plane], plane
+        blue = (labelled[..., 2].astype(int) - labelled[..., 0]) > 60  # LETTER_COLOUR; grey voxels have R == B
+        height, width = blue.shape
+        band = 40  # the letters sit within a few pixels of the middle of each edge
+        middles = {"top": blue[:band, width // 2 - band : width // 2 + band],
+                   "bottom": blue[-band:, width // 2 - band : width // 2 + band],
+                   "left": blue[height // 2 - band : height // 2 + band, :band],
+                   "right": blue[height // 2 - band : height // 2 + band, -band:]}
+        assert all(region.any() for region in middles.values()) and blue.sum() < 0.05 * blue.size, plane
+    # The glyph on the axial image's right edge is the L that `orientation_letters` names, not an R.
+    def glyph(letter):
+        image = Image.new("RGB", (width, height))
+        viewer.draw_letters(image, {"right": letter})
+        return (np.asarray(image)[..., 2].astype(int) - np.asarray(image)[..., 0]) > 60
+
+    axial = viewer.render_plane(volume.array, "axial", centre[0])
+    height, width = axial.shape[:2]
+    quarter = slice(width - width // 4, width)  # right of the top and bottom letters
+    drawn = ((axial[..., 2].astype(int) - axial[..., 0]) > 60)[:, quarter]
+    assert viewer.orientation_letters("axial")["right"] == "L" and drawn.any()
+    np.testing.assert_array_equal(drawn, glyph("L")[:, quarter])
+    assert not np.array_equal(drawn, glyph("R")[:, quarter])

@@ -1,5 +1,6 @@
 """The processor on real files that PyPI packages ship, against MONAI's reference pipeline, and on bad input."""
 
+import logging
 import zipfile
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from monai.transforms import (
 )
 
 import voxlm  # noqa: F401  (registers the processors)
+from voxlm.data import generate_case
 from voxlm.processing import (
+    Volume,
     VolumeError,
     VoxLMProcessor,
     VoxVolumeProcessor,
@@ -34,15 +37,6 @@ from voxlm.processing import (
 PYDICOM_TESTS = Path(pydicom.data.__file__).parent / "test_files"
 CT5N = PYDICOM_TESTS / "dicomdirtests" / "98892001" / "CT5N"
 EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
-
-
-@pytest.fixture(scope="module")
-def mni_path(tmp_path_factory):
-    from nilearn.datasets import load_mni152_template
-
-    path = tmp_path_factory.mktemp("mni") / "mni152_t1.nii.gz"
-    nib.save(load_mni152_template(resolution=2), path)
-    return path
 
 
 def synthetic_ct(shape=(60, 50, 40), seed=0) -> np.ndarray:
@@ -92,6 +86,58 @@ def test_mri_template_matches_monai_reference(mni_path):
     ours = processor(str(mni_path))["pixel_values"][0]
     reference = monai_reference(mni_path, (16, 32, 32), percentiles=(0.5, 99.5))
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_mri_through_a_ct_processor_is_normalised_as_mr_and_says_why(mni_path, text_processor, caplog):
+    """A new user's first call: nilearn's MNI152 T1 through a processor configured for CT (the default, and what saved
+    CT models carry) gets the pixel values of `modality="MR"`, the reason in its metadata and a warning; a CT window
+    that the caller asks for is applied (near black) with a warning, and a CT window on an MRI is reported unused."""
+    assert text_processor.image_processor.modality == "CT"
+    with caplog.at_level(logging.WARNING):
+        default = text_processor(images=str(mni_path), text="Is there a lesion?", return_metadata=True)
+    assert "mni152_t1.nii.gz: normalised as MR by percentiles, not with the processor's CT window" in caplog.text
+    explicit = text_processor(images=str(mni_path), text="Is there a lesion?", modality="MR", return_metadata=True)
+    torch.testing.assert_close(default["pixel_values"], explicit["pixel_values"], atol=0, rtol=0)
+    assert default["metadata"][0].modality == "MR" and explicit["metadata"][0].modality_reason == "given by the caller"
+    assert default["metadata"][0].modality_reason == ("no voxel below -200 (the lowest is 0), so not CT in Hounsfield "
+                                                      "units, where air is -1000")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        forced = text_processor.image_processor(str(mni_path), modality="CT", return_metadata=True)
+        windowed = text_processor.image_processor(str(mni_path), window="bone")
+    assert forced["metadata"][0].modality == "CT" and forced["pixel_values"].max() < 0.02  # 0..1 in a 0..80 window
+    assert "the CT window is applied as asked to a volume with no voxel below -200" in caplog.text
+    assert "the CT window 'bone' is not used: the volume is normalised as MR" in caplog.text
+    torch.testing.assert_close(windowed["pixel_values"][0], explicit["pixel_values"][0], atol=0, rtol=0)
+
+
+def test_modality_rule_on_ct_phantoms_dicom_ct_and_volumes_without_air(caplog):
+    """CT phantoms (air at -1000) and pydicom's CT5N (Modality tag CT, a 16 x 16 crop with 18% air) are CT; the
+    phantom cropped to the brain (5 to 37 HU, as a skull-stripped CT) cannot be told from an MRI and is MR with a
+    warning, also with one stray voxel of air; the caller outranks the tag, the tag outranks the intensities."""
+    processor = VoxVolumeProcessor(image_size=(8, 16, 16))
+    phantom = generate_case(3, shape=(16, 48, 48)).volume
+    modality, reason = processor.choose_modality(read_volume(phantom))
+    assert modality == "CT" and reason == ("the processor's modality, and 74.6% of voxels lie below -200 as air does in "
+                                           "Hounsfield units")
+    brain = phantom[4:12, 16:32, 16:32].copy()
+    assert brain.min() > 0
+    with caplog.at_level(logging.WARNING):
+        assert processor.choose_modality(read_volume(brain))[0] == "MR"
+    assert "array input: normalised as MR by percentiles" in caplog.text and "modality='CT'" in caplog.text
+    brain[0, 0, 0] = -1000  # one voxel in 2,048: resampling overshoot, not the air of a CT
+    assert processor.choose_modality(read_volume(brain)) == (
+        "MR", "only 0.05% of voxels below -200 (the lowest is -1000), so not CT in Hounsfield units, where air is -1000")
+    tagged = Volume(array=brain.astype(np.float32), affine=np.eye(4), spacing=(1.0, 1.0, 1.0), source="crop",
+                    modality="CT")
+    assert processor.choose_modality(tagged) == ("CT", "the file's DICOM Modality tag")
+    ct5n = read_volume(CT5N)
+    assert processor.choose_modality(ct5n) == ("CT", "the file's DICOM Modality tag")
+    assert processor.choose_modality(ct5n, "MR") == ("MR", "given by the caller")
+    metadata = processor(str(CT5N), return_metadata=True)["metadata"][0]
+    assert (metadata.modality, metadata.modality_reason) == ("CT", "the file's DICOM Modality tag")
+    # A processor configured for MR keeps percentiles for CT data too: they never turn a volume black.
+    assert VoxVolumeProcessor(modality="MR").choose_modality(read_volume(phantom)) == ("MR", "the processor's modality")
 
 
 def test_orientation_is_checked_not_assumed(tmp_path):

@@ -1,6 +1,7 @@
 """The Space (`spaces/app.py`): its handlers without a browser, then the real app on 127.0.0.1 driven by headless
 Chromium (Debian's `chromium`, through Playwright's `executable_path`): upload a phantom, ask, see the answer and the
-mask overlay, retrieve reports; a corrupt file and an upload above the size limit each give a message in the page.
+mask overlay, retrieve reports, upload an MRI and see its slices; a corrupt file and an upload above the size limit
+each give a message in the page.
 The browser test saves screenshots under `test-artifacts/` (or `$VOXLM_TEST_ARTIFACTS`)."""
 
 import ast
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from tiny_models import DEMO_SEG_QUESTION
 
+from voxlm import viewer
 from voxlm.data import generate_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("VOXLM_TEST_ARTIFACTS", REPO / "test-artifacts"))
 UPLOAD_LIMIT_MB = 0.05  # stands in for a multi-GB upload: the small phantom passes, a 650 KB array does not
+SEG_NOTE = "(the mask shown in red on the slices)"  # what the page shows in place of the answer's [SEG]
 
 
 def gradio_env(voxlm_dir, clip_dir, **extra) -> dict:
@@ -55,6 +58,23 @@ def write_phantom(path: Path, seed: int = 900009, shape=(16, 48, 48)) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def small_mni(tmp_path_factory):
+    """nilearn's MNI152 T1 at 4 mm (50 x 59 x 48 voxels of 0 to 1, 31 KB): an MRI within the browser test's upload
+    limit."""
+    from nilearn.datasets import load_mni152_template
+
+    path = tmp_path_factory.mktemp("mni") / "mni152_4mm.nii.gz"
+    nib.save(load_mni152_template(resolution=4), path)
+    return path
+
+
+def centre_brightness(image: np.ndarray) -> float:
+    """Mean grey level of the middle third of a slice image, away from the orientation letters on its edges."""
+    rows, cols = image.shape[0] // 3, image.shape[1] // 3
+    return float(np.asarray(image)[rows : 2 * rows, cols : 2 * cols].mean())
+
+
 def red_pixels(image: np.ndarray) -> int:
     """Pixels tinted by the mask overlay (grey slices have R == G == B)."""
     image = np.asarray(image, dtype=int)
@@ -73,13 +93,16 @@ def test_app_is_thin_with_per_visitor_state_and_a_queue():
 
 def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
     name = next(iter(app.BUNDLED))
-    view, menu, axial, coronal, sagittal, status = app.load(str(app.BUNDLED[name]), "brain")
+    view, menu, window, axial, coronal, sagittal, status = app.load(str(app.BUNDLED[name]), "brain")
     assert status.startswith(f"Loaded {name}: 32 x 96 x 96 voxels") and menu.choices == [(f"0. {name}", 0)]
+    assert re.search(r"Modality CT: the processor's modality, and \d+\.\d% of voxels lie below -200 as air", status)
+    assert status.endswith("Shown with the brain window.")
+    assert window.value == "brain" and view["modality"] == "CT"
     assert (axial.value, coronal.value, sagittal.value) == (16, 48, 48)
     before = app.render(view, 16, 48, 48)
     assert len(before) == 3 and all(red_pixels(image) == 0 for image in before)
     view, answer, boxes, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
-    assert "[SEG]" in answer and boxes == ""
+    assert answer.startswith("It is ") and SEG_NOTE in answer and "[SEG]" not in answer and boxes == ""
     source, mask = nib.load(app.BUNDLED[name]), nib.load(mask_file)
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
     assert any(red_pixels(image) > 0 for image in app.render(view, 16, 48, 48))
@@ -90,16 +113,16 @@ def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
 def test_study_of_several_files_answers_and_draws_the_mask_on_the_series_shown(app, tmp_path):
     bundled = next(iter(app.BUNDLED.values()))  # 32 x 96 x 96
     small = write_phantom(tmp_path / "small.nii.gz", shape=(16, 48, 48))
-    view, menu, *sliders, status = app.load([str(small), str(bundled)], "brain")
+    view, menu, _, *sliders, status = app.load([str(small), str(bundled)], "brain")
     assert menu.choices == [("0. small.nii.gz", 0), (f"1. {bundled.name}", 1)] and menu.value == 0
     assert status.startswith("Loaded 2 files: series 0. small.nii.gz of 2: 16 x 48 x 48 voxels")
     assert [slider.maximum for slider in sliders] == [15, 47, 47]
     for series, source in ((0, small), (1, bundled)):
         if series:
-            view, *sliders, status = app.show(view["study"], series, "brain", view["path"])
+            view, _, *sliders, status = app.show(view["study"], series, "brain", view["path"])
             assert status.startswith(f"series 1. {bundled.name} of 2: 32 x 96 x 96") and sliders[0].maximum == 31
         view, answer, boxes, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
-        assert "[SEG]" in answer and mask_file.endswith(f"small_series{series}_mask.nii.gz")
+        assert SEG_NOTE in answer and mask_file.endswith(f"small_series{series}_mask.nii.gz")
         mask, image = nib.load(mask_file), nib.load(source)
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
         assert view["mask"].shape == view["volume"].array.shape and view["mask"].any()
@@ -115,7 +138,36 @@ def test_dicom_study_zip_lists_its_series_and_what_was_skipped(app, tmp_path):
     assert status.startswith("Loaded study.zip: series 0. SmartScore - Gated 0.5 sec of 2: 5 x 16 x 16 voxels")
     assert f"skipped {LOCALISER}: the series has a single slice" in status
     _, answer, _, mask_file = app.ask(view, DEMO_SEG_QUESTION, "brain", progress=lambda *a, **k: None)
-    assert "[SEG]" in answer and nib.load(mask_file).shape == (16, 16, 5)
+    assert SEG_NOTE in answer and nib.load(mask_file).shape == (16, 16, 5)
+    assert "Modality CT: the file's DICOM Modality tag. Shown with the bone window." in status
+
+
+def test_an_mri_is_shown_and_answered_as_mr_and_the_page_says_so(app, small_mni):
+    """The MRI that showed three black slices through the brain window: the menu switches to the MRI window, the
+    status line says why, the slices hold the brain, and the model reads it as MR unless the visitor overrides."""
+    view, menu, window, *sliders, status = app.load(str(small_mni), "brain")
+    assert window.value == viewer.MRI_WINDOW and view["modality"] == "MR"
+    assert ("Modality MR: no voxel below -200 (the lowest is 0), so not CT in Hounsfield units, where air is -1000; "
+            "pick a CT window to have the model read it as CT. Shown with the MRI (percentiles) window.") in status
+    centre = [slider.value for slider in sliders]
+    assert all(centre_brightness(image) > 60 for image in app.render(view, *centre))
+    assert centre_brightness(app.render(app.rewindow(view, "brain"), *centre)[0]) < 5  # what the page showed before
+    # The menu follows the shown series; a visitor's switch between CT and MRI windows tells the model too.
+    assert viewer.modality_override(viewer.MRI_WINDOW, "MR") is None and viewer.modality_override("bone", "CT") is None
+    assert viewer.modality_override("brain", "MR") == "CT" and viewer.modality_override(viewer.MRI_WINDOW, "CT") == "MR"
+    # A study of the MRI and a CT: showing the CT puts the menu back on the model's CT preset.
+    study = app.load([str(small_mni), str(next(iter(app.BUNDLED.values())))], "brain")[0]["study"]
+    view, window, *_, status = app.show(study, 1, viewer.MRI_WINDOW, "ct.nii.gz")
+    assert window.value == "brain" and "Modality CT" in status and view["modality"] == "CT"
+
+
+def test_answers_show_a_note_in_place_of_the_seg_token():
+    mask = np.zeros((2, 3, 4), np.uint8)
+    assert viewer.answer_for_display("It is [SEG].", None) == "It is (no mask: this model has no mask head)."
+    assert viewer.answer_for_display("It is [SEG].", mask) == "It is (the predicted mask is empty)."
+    mask[1, 2, 3] = 1
+    assert viewer.answer_for_display("It is [SEG].", mask) == f"It is {SEG_NOTE}."
+    assert viewer.answer_for_display("No hemorrhage.", None) == "No hemorrhage."
 
 
 def test_oversize_and_corrupt_files_give_messages(app, monkeypatch, tmp_path):
@@ -213,7 +265,7 @@ def server(demo_model_dirs, tmp_path):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Debian's chromium is not installed at {CHROMIUM}; "
                     "`apt-get install chromium` (.ci/install does) to run the browser test")
-def test_browser_upload_ask_overlay_retrieval_and_error_messages(server, tmp_path):
+def test_browser_upload_ask_overlay_retrieval_and_error_messages(server, small_mni, tmp_path):
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
@@ -245,13 +297,23 @@ def test_browser_upload_ask_overlay_retrieval_and_error_messages(server, tmp_pat
 
         page.locator("#question textarea").fill(DEMO_SEG_QUESTION)
         page.locator("#ask").click()
-        expect(page.locator("#answer textarea")).to_have_value(re.compile(r"^It is \[SEG\]"))
+        expect(page.locator("#answer textarea")).to_have_value(re.compile(r"^It is " + re.escape(SEG_NOTE)))
         expect(axial).not_to_have_attribute("src", grey_src)
         assert red_pixels(axial_pixels()) > 0, "the mask overlay is not on the axial slice"
         expect(page.locator("#mask-file a[href$='/phantom_mask.nii.gz']")).to_have_count(1)
         page.get_by_role("button", name="Closest reports in the gallery").click()
         expect(page.locator("#reports")).to_contain_text("phantom-9000")
         page.screenshot(path=str(ARTIFACTS / "space_answer_overlay.png"), full_page=True)
+
+        overlay_src = axial.get_attribute("src")
+        page.locator("#upload button[aria-label=Clear]").click()
+        page.locator("#upload input[type=file]").set_input_files(str(small_mni))
+        expect(page.locator("#status")).to_contain_text("Loaded mni152_4mm.nii.gz: 48 x 59 x 50 voxels")
+        expect(page.locator("#status")).to_contain_text("Modality MR: no voxel below -200")
+        expect(page.locator("#window input")).to_have_value(viewer.MRI_WINDOW)
+        expect(axial).not_to_have_attribute("src", overlay_src)
+        assert centre_brightness(axial_pixels()) > 60, "the MRI's axial slice is black"
+        page.screenshot(path=str(ARTIFACTS / "space_mri.png"), full_page=True)
 
         page.locator("#upload button[aria-label=Clear]").click()
         page.locator("#upload input[type=file]").set_input_files(str(corrupt))
