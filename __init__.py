@@ -24,7 +24,7 @@ from voxlm.modeling import (
     VoxViTConfig,
     VoxViTModel,
 )
-from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor
+from voxlm.processing import VoxCLIPProcessor, VoxLMProcessor, VoxVolumeProcessor
 
 __version__ = "0.1.0"
 
@@ -41,7 +41,12 @@ def _register_auto_classes() -> None:
     AutoImageProcessor.register(VoxViTConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoImageProcessor.register(VoxCLIPConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
     AutoProcessor.register(VoxLMConfig, VoxLMProcessor, exist_ok=True)
-    # `save_pretrained` copies the modeling files next to the weights for `trust_remote_code` users.
+    AutoProcessor.register(VoxCLIPConfig, VoxCLIPProcessor, exist_ok=True)
+    # `save_pretrained` copies the modeling and processing files next to the weights and names them in `auto_map`, so
+    # `trust_remote_code` users load the same model and processor without voxlm.
+    VoxVolumeProcessor.register_for_auto_class("AutoImageProcessor")
+    VoxLMProcessor.register_for_auto_class("AutoProcessor")
+    VoxCLIPProcessor.register_for_auto_class("AutoProcessor")
     VoxViTConfig.register_for_auto_class("AutoConfig")
     VoxViTModel.register_for_auto_class("AutoModel")
     VoxLMConfig.register_for_auto_class("AutoConfig")
@@ -60,6 +65,7 @@ __all__ = [
     "VoxLMConfig",
     "VoxSegConfig",
     "VoxLMForConditionalGeneration",
+    "VoxCLIPProcessor",
     "VoxLMProcessor",
     "VoxVolumeProcessor",
 ]

@@ -45,15 +45,6 @@ class ModelNotFoundError(RuntimeError):
 
 
 @dataclass
-class ClipBundle:
-    """A VoxCLIP with what it takes to embed volumes and texts."""
-
-    model: torch.nn.Module
-    volume_processor: object
-    tokenizer: object
-
-
-@dataclass
 class Prediction:
     """One answer about one volume.
 
@@ -167,9 +158,10 @@ def load_voxlm(name: str | None = None, device: str | torch.device | None = None
     return model.to(device or default_device()).eval(), processor
 
 
-def load_voxclip(name: str | None = None, device: str | torch.device | None = None) -> ClipBundle:
-    """A saved VoxCLIP with its volume processor and tokenizer (`None`: `$VOXLM_CLIP_MODEL`, else the quickstart's)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+def load_voxclip(name: str | None = None, device: str | torch.device | None = None):
+    """`(model, processor)` of a saved VoxCLIP: the model and its `VoxCLIPProcessor` (volume processor and
+    tokenizer) (`None`: `$VOXLM_CLIP_MODEL`, else the quickstart's)."""
+    from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401
 
@@ -179,11 +171,8 @@ def load_voxclip(name: str | None = None, device: str | torch.device | None = No
         raise ModelNotFoundError(
             f"{name!r} holds a {model.config.model_type} model, not a VoxCLIP. {HOW_TO_GET_A_MODEL}"
         )
-    return ClipBundle(
-        model=model.to(device or default_device()).eval(),
-        volume_processor=_from_pretrained(AutoImageProcessor.from_pretrained, name, "VoxCLIP volume processor"),
-        tokenizer=_from_pretrained(AutoTokenizer.from_pretrained, name, "VoxCLIP tokenizer"),
-    )
+    processor = _from_pretrained(AutoProcessor.from_pretrained, name, "VoxCLIP processor")
+    return model.to(device or default_device()).eval(), processor
 
 
 # Environment variables that set `ReadLimits` fields (the Space's settings), with the unit of their values.
@@ -308,32 +297,33 @@ def predict(
 
 
 @torch.no_grad()
-def embed_volume(volume, clip: ClipBundle, modality: str | None = None) -> torch.Tensor:
-    """The normalised VoxCLIP image embedding `(P,)` of one volume."""
-    pixel_values = clip.volume_processor(volume, modality=modality)["pixel_values"]  # (1, 1, D, H, W)
-    return F.normalize(clip.model.get_image_features(pixel_values.to(clip.model.device)), dim=-1)[0].cpu()
+def embed_volume(volume, clip, modality: str | None = None) -> torch.Tensor:
+    """The normalised VoxCLIP image embedding `(P,)` of one volume; `clip` is `load_voxclip()`'s `(model, processor)`."""
+    model, processor = clip
+    pixel_values = processor(images=volume, modality=modality)["pixel_values"]  # (1, 1, D, H, W)
+    return F.normalize(model.get_image_features(pixel_values.to(model.device)), dim=-1)[0].cpu()
 
 
 @torch.no_grad()
-def embed_reports(reports: list[str], clip: ClipBundle, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """Normalised VoxCLIP text embeddings `(N, P)`."""
+def embed_reports(reports: list[str], clip, batch_size: int = 32) -> torch.Tensor:
+    """Normalised VoxCLIP text embeddings `(N, P)`, tokenized by the model's processor (truncated to its
+    `max_length`)."""
+    model, processor = clip
     rows = []
     for start in range(0, len(reports), batch_size):
-        tokens = clip.tokenizer(reports[start : start + batch_size], padding=True, truncation=True,
-                                max_length=max_length, return_tensors="pt", return_token_type_ids=False)
-        tokens = {key: value.to(clip.model.device) for key, value in tokens.items()}
-        rows.append(F.normalize(clip.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]), dim=-1))
+        tokens = processor(text=reports[start : start + batch_size]).to(model.device)
+        rows.append(F.normalize(model.get_text_features(tokens["input_ids"], tokens["attention_mask"]), dim=-1))
     return torch.cat(rows).cpu()
 
 
-def retrieve(volume, reports: list[str], clip: ClipBundle | None = None, top_k: int = 5,
+def retrieve(volume, reports: list[str], clip=None, top_k: int = 5,
              modality: str | None = None, report_embeddings: torch.Tensor | None = None) -> list[dict]:
     """The `top_k` reports closest to a volume by cosine similarity.
 
     Args:
         volume: anything `read_volume` takes.
         reports (`list[str]`): the gallery.
-        clip (`ClipBundle`, *optional*): `None` loads `load_voxclip()`.
+        clip (`tuple`, *optional*): `(model, processor)` of a VoxCLIP; `None` loads `load_voxclip()`.
         report_embeddings (`torch.Tensor` of shape `(N, P)`, *optional*): `embed_reports(reports)`, when cached.
 
     Returns:
@@ -343,26 +333,26 @@ def retrieve(volume, reports: list[str], clip: ClipBundle | None = None, top_k: 
         raise ValueError("The report gallery is empty")
     clip = clip or load_voxclip()
     texts = report_embeddings if report_embeddings is not None else embed_reports(reports, clip)
-    scores = texts @ embed_volume(read_input(volume, clip.volume_processor), clip, modality)  # (N, P) @ (P,) -> (N,)
+    image = embed_volume(read_input(volume, clip[1].image_processor), clip, modality)
+    scores = texts @ image  # (N, P) @ (P,) -> (N,)
     best = scores.argsort(descending=True)[:top_k].tolist()
     return [{"rank": r + 1, "index": i, "score": round(float(scores[i]), 4), "report": reports[i]}
             for r, i in enumerate(best)]
 
 
 @torch.no_grad()
-def classify(volume, labels: list[str], clip: ClipBundle | None = None,
-             modality: str | None = None) -> dict[str, float]:
-    """Zero-shot class probabilities of a volume over free-text labels (prompt ensembles, `evaluation.zero_shot`)."""
+def classify(volume, labels: list[str], clip=None, modality: str | None = None) -> dict[str, float]:
+    """Zero-shot class probabilities of a volume over free-text labels (prompt ensembles, `evaluation.zero_shot`);
+    `clip` is `(model, processor)` of a VoxCLIP (`None`: `load_voxclip()`)."""
     from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
 
     labels = [label.strip() for label in labels if label.strip()]
     if len(labels) < 2:
         raise ValueError(f"Zero-shot classification needs at least two labels, got {labels}")
-    clip = clip or load_voxclip()
-    classes = class_embeddings(clip.model, clip.tokenizer, {label: [label] for label in labels}).cpu()
-    pixel_values = clip.volume_processor(read_input(volume, clip.volume_processor), modality=modality)["pixel_values"]
-    device = clip.model.device
-    probabilities = zero_shot_probabilities(clip.model, pixel_values.to(device), classes.to(device))  # (1, C)
+    model, processor = clip or load_voxclip()
+    classes = class_embeddings(model, processor, {label: [label] for label in labels}).cpu()
+    pixel_values = processor(images=read_input(volume, processor.image_processor), modality=modality)["pixel_values"]
+    probabilities = zero_shot_probabilities(model, pixel_values.to(model.device), classes.to(model.device))  # (1, C)
     return {label: round(float(p), 4) for label, p in zip(labels, probabilities[0].cpu())}
 
 

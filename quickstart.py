@@ -77,7 +77,7 @@ def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_sample
                         closed_vqa_samples: int | None) -> tuple[list[dict], dict]:
     """Held-out results as `model-index`-ready records, and the closed-VQA details (accuracy per question and every
     prediction)."""
-    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+    from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401
     from voxlm.data.held_out import held_out_samples
@@ -91,8 +91,8 @@ def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_sample
     closed = evaluate_closed_vqa(model, processor, held_out("vqa-closed", closed_vqa_samples))
     seg = evaluate_segmentation(model, processor, held_out("seg", eval_samples // 2))
     clip = AutoModel.from_pretrained(clip_dir)
-    retrieval = evaluate_retrieval(clip, AutoTokenizer.from_pretrained(clip_dir),
-                                   held_out("retrieval", eval_samples), pool_size=eval_samples)
+    retrieval = evaluate_retrieval(clip, AutoProcessor.from_pretrained(clip_dir), held_out("retrieval", eval_samples),
+                                   pool_size=eval_samples)
     dataset = "voxlm-phantoms"
     records = [
         dict(task="closed VQA", task_type="visual-question-answering", dataset=dataset, split="test",

@@ -76,25 +76,25 @@ def split_seeds(num_train_seeds: int, num_test: int) -> tuple[list[int], list[in
 
 
 def build_model(seed: int):
-    """The VoxCLIP and its tokenizer, built by `pretrain-clip`'s own `build_clip` (MiniLM locked), seeded."""
+    """The VoxCLIP and its `VoxCLIPProcessor`, built by `pretrain-clip`'s own `build_clip` (MiniLM locked), seeded."""
     import torch
 
+    from voxlm.processing import VoxCLIPProcessor
     from voxlm.training.train_clip import ClipPretrainedParts, build_clip
 
     torch.manual_seed(seed)
-    model, _, tokenizer = build_clip(ClipPretrainedParts(text_trainable_layers=0), dict(
+    model, volume_processor, tokenizer = build_clip(ClipPretrainedParts(text_trainable_layers=0), dict(
         vision_config={**VISION, "image_size": list(IMAGE_SIZE)}, projection_dim=128, text_pooling="mean"))
-    return model, tokenizer
+    return model, VoxCLIPProcessor(volume_processor, tokenizer)
 
 
-def report_features(model, tokenizer, reports: list[str]):
+def report_features(model, processor, reports: list[str]):
     """Pooled features `(R, E_txt)` of the locked text tower for each distinct report, and each report's row."""
     import torch
 
     distinct = sorted(set(reports))
     with torch.no_grad():
-        tokens = tokenizer(distinct, padding=True, truncation=True, max_length=128, return_tensors="pt",
-                           return_token_type_ids=False)
+        tokens = processor(text=distinct)
         features = model.pool_text(model.encode_text(tokens["input_ids"], tokens["attention_mask"]),
                                    tokens["attention_mask"])
     row = {report: index for index, report in enumerate(distinct)}
@@ -102,7 +102,7 @@ def report_features(model, tokenizer, reports: list[str]):
 
 
 def train_arm(sampling, train: list[dict], args) -> tuple:
-    """Pre-train one model on `train` studies seen through `sampling`; returns `(model, tokenizer, seconds, losses)`."""
+    """Pre-train one model on `train` studies seen through `sampling`; returns `(model, processor, seconds, losses)`."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -112,8 +112,8 @@ def train_arm(sampling, train: list[dict], args) -> tuple:
     from voxlm.data.study_sampling import sample_study
     from voxlm.training.loop import parameter_groups
 
-    model, tokenizer = build_model(args.seed)
-    text_features, report_rows = report_features(model, tokenizer, [study["report"] for study in train])
+    model, processor = build_model(args.seed)
+    text_features, report_rows = report_features(model, processor, [study["report"] for study in train])
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=args.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 10, args.steps)
     order, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
@@ -133,7 +133,7 @@ def train_arm(sampling, train: list[dict], args) -> tuple:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-    return model.eval(), tokenizer, time.perf_counter() - start, losses
+    return model.eval(), processor, time.perf_counter() - start, losses
 
 
 def view_series(study: dict, view: str, random_pick: int) -> list:
@@ -145,14 +145,14 @@ def view_series(study: dict, view: str, random_pick: int) -> list:
     return [study["series"][random_pick]]  # a random series (also the oracle's pick for studies without a finding)
 
 
-def zero_shot_scores(model, tokenizer, test: list[dict], picks: list[int]) -> dict:
+def zero_shot_scores(model, processor, test: list[dict], picks: list[int]) -> dict:
     """Zero-shot probability of "hemorrhage" for every held-out study in every view: `{view: (N,) array}`."""
     import torch
 
     from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
     from voxlm.processing import pad_studies
 
-    classes = class_embeddings(model, tokenizer, HEMORRHAGE_PROMPTS)
+    classes = class_embeddings(model, processor, HEMORRHAGE_PROMPTS)
     scores = {}
     for view in VIEWS:
         shown = [torch.stack(view_series(study, view, pick)) for study, pick in zip(test, picks)]
@@ -214,8 +214,8 @@ def main() -> None:
     labels = [study["hemorrhage"] for study in test]
     rows, scores = [], {}
     for name, sampling in arms.items():
-        model, tokenizer, seconds, losses = train_arm(sampling, train, args)
-        scores[name] = zero_shot_scores(model, tokenizer, test, picks)
+        model, processor, seconds, losses = train_arm(sampling, train, args)
+        scores[name] = zero_shot_scores(model, processor, test, picks)
         rows.append({"trained on": name, "train_seconds": seconds, "final_loss": float(np.mean(losses[-10:])),
                      **{view: float(roc_auc_score(labels, scores[name][view])) for view in VIEWS}})
         print(rows[-1], flush=True)

@@ -87,19 +87,17 @@ def score(folder: Path, data: Path, volumes, labels) -> dict:
 
     import torch
     from sklearn.metrics import roc_auc_score
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401
     from voxlm.evaluation.runner import evaluate_retrieval
     from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
-    from voxlm.processing import VoxVolumeProcessor
     from voxlm.data import PreprocessedStream, stream_rows
 
-    clip, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    pairs = list(islice(PreprocessedStream(stream_rows(data, "cap", "test"), VoxVolumeProcessor(image_size=IMAGE_SIZE)),
-                        100))
-    retrieval = evaluate_retrieval(clip, tokenizer, pairs, pool_size=100)
-    classes = class_embeddings(clip, tokenizer, HEMORRHAGE_PROMPTS)
+    clip, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    pairs = list(islice(PreprocessedStream(stream_rows(data, "cap", "test"), processor.image_processor), 100))
+    retrieval = evaluate_retrieval(clip, processor, pairs, pool_size=100)
+    classes = class_embeddings(clip, processor, HEMORRHAGE_PROMPTS)
     probabilities = torch.cat([zero_shot_probabilities(clip, batch, classes) for batch in volumes.split(32)])
     return {"r@1": retrieval["i2t_r@1"], "r@5": retrieval["i2t_r@5"], "pool": retrieval["pool_size"],
             "auc": float(roc_auc_score(labels, probabilities[:, 1].numpy()))}

@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import common
 

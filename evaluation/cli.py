@@ -14,18 +14,14 @@ logger = logging.getLogger(__name__)
 def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: int = 100, batch_size: int = 8,
              max_new_tokens: int | None = None, shuffle_buffer: int = 0) -> dict:
     """Run one task and return `{"task", "data", "split", "num_samples", "metrics"}` (samples: `held_out_samples`)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
+    from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401  (registers the Auto classes)
 
     from . import runner
 
-    if task == "retrieval":
-        volume_processor = AutoImageProcessor.from_pretrained(model_dir)
-    else:
-        processor = AutoProcessor.from_pretrained(model_dir)
-        volume_processor = processor.image_processor
-    samples = held_out_samples(data, task, volume_processor, limit, split, shuffle_buffer)  # checks `task` first
+    processor = AutoProcessor.from_pretrained(model_dir)  # a VoxLMProcessor, or a VoxCLIP's VoxCLIPProcessor
+    samples = held_out_samples(data, task, processor.image_processor, limit, split, shuffle_buffer)  # checks `task` first
     model = AutoModel.from_pretrained(model_dir)
     if task == "vqa-closed":
         metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
@@ -37,7 +33,7 @@ def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: i
     elif task in ("seg", "refseg"):
         metrics = runner.evaluate_segmentation(model, processor, samples, max(1, batch_size // 2), max_new_tokens or 8)
     else:
-        metrics = runner.evaluate_retrieval(model, AutoTokenizer.from_pretrained(model_dir), samples, pool_size=limit)
+        metrics = runner.evaluate_retrieval(model, processor, samples, pool_size=limit)
     return {"task": task, "data": str(data), "split": split, "num_samples": len(samples), "metrics": metrics}
 
 

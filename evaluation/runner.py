@@ -65,12 +65,11 @@ def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_ne
 
 
 @torch.no_grad()
-def evaluate_retrieval(clip_model, tokenizer, samples, pool_size: int = 100, max_length: int = 128) -> dict:
+def evaluate_retrieval(clip_model, processor, samples, pool_size: int = 100) -> dict:
     """Image-report retrieval recall among the first `pool_size` pairs (M3D-Bench uses 2,000)."""
     samples = list(islice(samples, pool_size))
     clip_model.eval()
-    text = tokenizer([s["report"] for s in samples], padding=True, truncation=True, max_length=max_length,
-                     return_tensors="pt", return_token_type_ids=False)
+    text = processor(text=[s["report"] for s in samples])  # truncated to the processor's `max_length`
     image_embeds = torch.cat([
         clip_model.get_image_features(torch.stack([s["pixel_values"] for s in batch]))
         for batch in batched(samples, 16)

@@ -16,12 +16,12 @@ DEFAULT_TEMPLATES = (
 
 
 @torch.no_grad()
-def class_embeddings(clip_model, tokenizer, class_prompts: dict[str, list[str]], templates=DEFAULT_TEMPLATES):
+def class_embeddings(clip_model, processor, class_prompts: dict[str, list[str]], templates=DEFAULT_TEMPLATES):
     """One normalised embedding per class: the mean over its prompts x templates, normalised again.
 
     Args:
         clip_model (`VoxCLIPModel`): the pre-trained pair.
-        tokenizer: its text tokenizer.
+        processor (`VoxCLIPProcessor`): its processor, which tokenizes the prompts.
         class_prompts (`dict[str, list[str]]`): class name -> descriptions (e.g. `{"hemorrhage": ["acute
             intracranial hemorrhage"], "normal": ["no acute intracranial abnormality"]}`).
         templates (`tuple[str, ...]`): sentence templates with one `{}` for the description.
@@ -32,7 +32,7 @@ def class_embeddings(clip_model, tokenizer, class_prompts: dict[str, list[str]],
     rows = []
     for prompts in class_prompts.values():
         texts = [template.format(prompt) for prompt in prompts for template in templates]
-        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt", return_token_type_ids=False)
+        tokens = processor(text=texts)
         embeds = F.normalize(clip_model.get_text_features(tokens["input_ids"], tokens["attention_mask"]), dim=-1)
         rows.append(F.normalize(embeds.mean(dim=0), dim=-1))
     return torch.stack(rows)

@@ -9,6 +9,7 @@ from .image_processing_voxlm import (
     resize_volume,
 )
 from .pipeline_voxlm import VoxLMPipeline
+from .processing_voxclip import VoxCLIPProcessor
 from .processing_voxlm import (
     BOX_END_TOKEN,
     BOX_START_TOKEN,
@@ -32,6 +33,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "VolumeMetadata",
+    "VoxCLIPProcessor",
     "VoxLMPipeline",
     "VoxLMProcessor",
     "VoxVolumeProcessor",

@@ -34,6 +34,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# Optional readers: the processor also runs as remote code in a process without voxlm or its dependencies, where
+# NIfTI and NumPy volumes need only nibabel and numpy; DICOM needs pydicom and NRRD / MetaImage SimpleITK, and a file
+# that needs a missing one is refused with the install command (`_reader`). The `try` keeps transformers' remote-code
+# import check from demanding them.
+try:
+    import pydicom
+except ImportError:
+    pydicom = None
+try:
+    import SimpleITK as sitk
+except ImportError:
+    sitk = None
+
 DEFAULT_MAX_VOXELS = 1024**3  # a 1024^3 volume: far above any CT, small enough to refuse hostile headers
 NAN_POLICIES = ("error", "zero")
 # RAS voxel axes -> canonical (S, A, R): reverse them.
@@ -52,6 +65,13 @@ logger = logging.getLogger(__name__)
 
 class VolumeError(ValueError):
     """A volume that voxlm cannot use; the message names the source and the problem."""
+
+
+def _reader(module, package: str, source: str, what: str):
+    """`module` (an optional reader imported above), or a `VolumeError` that says how to install it."""
+    if module is None:
+        raise VolumeError(f"{source}: reading {what} needs the `{package}` package (pip install {package})")
+    return module
 
 
 @dataclass(frozen=True)
@@ -251,27 +271,34 @@ def _check_dtype(dtype: np.dtype, source: str) -> None:
 
 
 def _read_nifti(path: Path, frame, max_voxels, limits: ReadLimits) -> tuple[np.ndarray, np.ndarray]:
-    """NIfTI data and affine. The affine is nibabel's (the sform when its code is set, else the qform, else the
-    voxel sizes), as MONAI and nilearn read it too; a qform that disagrees with the sform in use is logged."""
     with _decoding(path.name, "not a readable NIfTI file"):
         image = nib.load(path)
+    return _image_data(image, path.name, frame, max_voxels, limits)
+
+
+def _image_data(image, source: str, frame, max_voxels, limits: ReadLimits) -> tuple[np.ndarray, np.ndarray]:
+    """Data and affine of a nibabel image, loaded from a file or built in memory. The affine is nibabel's (the sform
+    when its code is set, else the qform, else the voxel sizes), as MONAI and nilearn read it too; a qform that
+    disagrees with the sform in use is logged."""
+    with _decoding(source, "not a readable NIfTI image"):
         shape = image.header.get_data_shape()
         dtype = image.get_data_dtype()
-        affine = image.affine
+        affine = image.affine if image.affine is not None else image.header.get_best_affine()
         sform, sform_code = image.header.get_sform(coded=True)
         qform, qform_code = image.header.get_qform(coded=True)
-    _check_voxels(shape, max_voxels, path.name)
-    _check_dtype(dtype, path.name)
+    _check_voxels(shape, max_voxels, source)
+    _check_dtype(dtype, source)
     voxels = math.prod(int(s) for s in shape)
-    scaled = image.dataobj.slope != 1 or image.dataobj.inter != 0  # nibabel applies scaling in float64
-    _check_bytes(voxels * (dtype.itemsize + 8 * scaled + 4), limits, path.name,
+    # nibabel applies scaling in float64; an image built in memory holds its array as is.
+    scaled = getattr(image.dataobj, "slope", 1) != 1 or getattr(image.dataobj, "inter", 0) != 0
+    _check_bytes(voxels * (dtype.itemsize + 8 * scaled + 4), limits, source,
                  f"{dtype} data{', rescaled to float64' if scaled else ''} and a float32 copy")
     if sform_code > 0 and qform_code > 0 and not np.allclose(sform, qform, rtol=0, atol=AFFINE_TOLERANCE):
         logger.warning("%s: the sform and the qform disagree (by up to %.3g); using the sform, as nibabel does",
-                       path.name, float(np.abs(sform - qform).max()))
-    with _decoding(path.name, "the NIfTI data is truncated or corrupt"):
+                       source, float(np.abs(sform - qform).max()))
+    with _decoding(source, "the NIfTI data is truncated or corrupt"):
         data = np.asanyarray(image.dataobj)
-    return _select_frame(data, frame, path.name), affine
+    return _select_frame(data, frame, source), affine
 
 
 def _read_npy(path: Path, max_voxels, limits: ReadLimits) -> np.ndarray:
@@ -369,7 +396,7 @@ def _check_data_file(header: Path, name: str, source: str) -> None:
 
 
 def _read_itk(path: Path, frame, max_voxels, limits: ReadLimits) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
+    _reader(sitk, "SimpleITK", path.name, "NRRD / MetaImage files")
 
     for name in _itk_data_files(path, limits):
         _check_data_file(path, name, path.name)
@@ -433,7 +460,7 @@ def _dicom_image_headers(paths, limits: ReadLimits, source: str) -> list[tuple[P
     """`(path, header)` of the DICOM image slices among `paths`: readable headers with position, orientation and
     pixel spacing; other files (a DICOMDIR index, a readme, a dose report) are skipped. Deflated files are measured
     before pydicom inflates them: each within `limits.max_bytes`, all together within `limits.max_unpacked_bytes`."""
-    import pydicom
+    _reader(pydicom, "pydicom", source, "DICOM")
 
     _check_files(len(paths), limits, source, "there are")
     headers = []
@@ -521,8 +548,6 @@ def _slice_geometry(path: Path, header, source: str) -> tuple[tuple[int, int], n
 
 def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits):
     """Stack the `(path, header)` slices of one series into source-axis data and its RAS affine, in HU."""
-    import pydicom
-
     if len(slices) < 2:
         raise VolumeError(f"{source}: the series has a single slice; a volume needs at least 2")
     geometry = [_slice_geometry(path, header, source) for path, header in slices]
@@ -628,8 +653,8 @@ def read_volume(
 
     Args:
         source: a path (`.nii`, `.nii.gz`, `.npy`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`, a DICOM series folder or `.zip`),
-            a numpy array or a torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as
-            is). A path must be a regular file or a folder; detached NRRD / MetaImage data files must be regular
+            a nibabel NIfTI image (`nib.load(...)` or built in memory, read with its affine), a numpy array or a
+            torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as is). A path must be a regular file or a folder; detached NRRD / MetaImage data files must be regular
             files beside their header.
         frame (`int`, *optional*): which frame or channel of 4D data to take; 4D data without it is an error.
         max_voxels (`int`, defaults to 1024**3): refuse headers that claim more voxels, before allocating them.
@@ -649,6 +674,10 @@ def read_volume(
     try:
         if isinstance(source, (str, Path)):
             volume = _read_path(Path(source), frame, max_voxels, limits)
+        elif isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
+            name = Path(source.get_filename()).name if source.get_filename() else "NIfTI image"
+            data, affine = _image_data(source, name, frame, max_voxels, limits)
+            volume = _canonical(np.asarray(data), affine, name)
         else:
             volume = _read_array(source, frame, max_voxels, limits)
         return _check_values(volume, nan_policy, allow_constant)
@@ -798,9 +827,7 @@ def _is_loose_dicom(item) -> bool:
         return True
     if name.endswith(VOLUME_SUFFIXES):
         return False
-    import pydicom
-
-    return pydicom.misc.is_dicom(item)
+    return _reader(pydicom, "pydicom", name, "a file without a volume suffix (DICOM)").misc.is_dicom(item)
 
 
 def _read_study_item(source, max_voxels: int, nan_policy: str, limits: ReadLimits) -> Study:

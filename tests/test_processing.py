@@ -88,6 +88,25 @@ def test_mri_template_matches_monai_reference(mni_path):
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
 
 
+def test_nibabel_images_read_like_their_files(mni_path):
+    """A loaded or in-memory NIfTI image (what nilearn hands out) keeps its affine, as its file does."""
+    from_file = read_volume(mni_path)
+    loaded = read_volume(nib.load(mni_path))
+    np.testing.assert_array_equal(loaded.array, from_file.array)
+    np.testing.assert_allclose(loaded.affine, from_file.affine)
+    assert loaded.source == mni_path.name
+    image = nib.load(mni_path)
+    reverse_x = np.array([[-1.0, 0, 0, image.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    flipped = nib.Nifti1Image(np.asarray(image.dataobj)[::-1], image.affine @ reverse_x)
+    in_memory = read_volume(flipped)  # the same head stored right-to-left: the affine undoes the flip
+    np.testing.assert_array_equal(in_memory.array, from_file.array)
+    corners = np.array([[0.0, 0, 0], [5, 6, 7]])
+    np.testing.assert_allclose(in_memory.canonical_to_world(corners), from_file.canonical_to_world(corners))
+    assert in_memory.source == "NIfTI image"
+    with pytest.raises(VolumeError, match="NIfTI image: 4D data"):
+        read_volume(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)))
+
+
 def test_mri_through_a_ct_processor_is_normalised_as_mr_and_says_why(mni_path, text_processor, caplog):
     """A new user's first call: nilearn's MNI152 T1 through a processor configured for CT (the default, and what saved
     CT models carry) gets the pixel values of `modality="MR"`, the reason in its metadata and a warning; a CT window

@@ -125,7 +125,7 @@ def test_unusable_studies_raise_clear_errors(study_processor, dicom_study, tmp_p
         study_processor(studies=tmp_path / "three", text="Too many?")
     with pytest.raises(ValueError, match="1 studies for 2 questions"):
         study_processor(studies=dicom_study, text=["a?", "b?"])
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         study_processor(images=[CT5N], studies=dicom_study, text="a?")
     with pytest.raises(VolumeError, match="empty list"):
         read_study([])

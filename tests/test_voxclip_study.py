@@ -4,7 +4,6 @@ collator's study mode, and `pretrain-clip` with `data.config=study` saving a mod
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_vision_config

@@ -6,12 +6,13 @@ import torch.nn.functional as F
 from voxlm.evaluation.zero_shot import class_embeddings, zero_shot_probabilities
 
 
-class FakeTokenizer:
+class FakeProcessor:
     """Encodes each text as the index of its first word in a small vocabulary, so embeddings are predictable."""
 
     vocabulary = ["bleed", "normal", "findings:", "impression:"]
 
-    def __call__(self, texts, **kwargs):
+    def __call__(self, text):
+        texts = text
         ids = torch.tensor([[self.vocabulary.index(t.split()[0].lower()) if t.split()[0].lower() in self.vocabulary
                              else 0] for t in texts])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -31,7 +32,7 @@ class FakeClip(torch.nn.Module):
 
 
 def test_class_embedding_is_the_normalised_mean_over_prompts_and_templates():
-    classes = class_embeddings(FakeClip(), FakeTokenizer(), {"bleed": ["bleed"], "normal": ["normal"]},
+    classes = class_embeddings(FakeClip(), FakeProcessor(), {"bleed": ["bleed"], "normal": ["normal"]},
                                templates=("{}", "Findings: {}"))
     expected_bleed = F.normalize(torch.tensor([1.0, 0, 1.0, 0]), dim=0)  # "bleed" and "Findings: bleed"
     torch.testing.assert_close(classes[0], expected_bleed)

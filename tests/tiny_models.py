@@ -109,16 +109,17 @@ def save_demo_voxlm(folder, steps: int = 45, seed: int = 0):
 
 
 def save_demo_voxclip(folder, minilm_dir, seed: int = 0) -> None:
-    """A tiny random VoxCLIP (MiniLM text encoder) with its volume processor and tokenizer, saved to `folder`."""
+    """A tiny random VoxCLIP (MiniLM text encoder) with its processor (volume processor and tokenizer), saved to
+    `folder`."""
     import torch
     from transformers import AutoTokenizer
 
     from voxlm.modeling import VoxCLIPModel
-    from voxlm.processing import VoxVolumeProcessor
+    from voxlm.processing import VoxCLIPProcessor, VoxVolumeProcessor
 
     torch.manual_seed(seed)
     model = VoxCLIPModel.from_vision_text_pretrained(
         None, str(minilm_dir), vision_config=VoxViTConfig(image_size=DEMO_IMAGE_SIZE, **DEMO_VISION), projection_dim=16)
     model.save_pretrained(folder)
-    VoxVolumeProcessor(image_size=DEMO_IMAGE_SIZE).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
+    processor = VoxCLIPProcessor(VoxVolumeProcessor(image_size=DEMO_IMAGE_SIZE), AutoTokenizer.from_pretrained(minilm_dir))
+    processor.save_pretrained(folder)

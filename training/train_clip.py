@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from voxlm.model_cards import voxclip_card_for_run
 from voxlm.modeling import VoxCLIPConfig, VoxCLIPModel, VoxViTConfig
-from voxlm.processing import VoxVolumeProcessor
+from voxlm.processing import VoxCLIPProcessor, VoxVolumeProcessor
 from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.data.study_sampling import StudyCollator, StudySampling
 from voxlm.training.loop import build_accelerator, epoch_loader, run_training, save_final
@@ -212,9 +212,10 @@ def train(settings: ClipSettings) -> Path:
 
     model, _, accelerator = run_training(model, batches_for_epoch, clip_train_step, settings.run, accelerator,
                                          stage="pretrain-clip")
-    final = save_final(model, accelerator, Path(settings.run.output_dir) / "final", processor)
+    # One processor holds the volume processor, the tokenizer and the report length trained on.
+    final = save_final(model, accelerator, Path(settings.run.output_dir) / "final",
+                       VoxCLIPProcessor(processor, tokenizer, max_length=data.max_text_length))
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(final)
         voxclip_card_for_run(settings, accelerator.unwrap_model(model), processor, final).save(final / "README.md")
     return final
 
