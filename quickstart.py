@@ -75,8 +75,8 @@ def stage_settings(cls, stage: str, settings: QuickstartSettings, data: Path, ma
 
 def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_samples: int,
                         closed_vqa_samples: int | None) -> tuple[list[dict], dict]:
-    """Held-out results as `model-index`-ready records, and the closed-VQA details (accuracy per question and every
-    prediction)."""
+    """Held-out results as `model-index`-ready records (closed VQA overall and per question category, as M3D's paper
+    tabulates it), and the closed-VQA details (accuracy per category and per question, and every prediction)."""
     from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401
@@ -97,6 +97,9 @@ def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_sample
     records = [
         dict(task="closed VQA", task_type="visual-question-answering", dataset=dataset, split="test",
              metric="accuracy", variant=f"M3D letter rule, n={closed['num_samples']}", value=closed["accuracy_m3d"]),
+        *(dict(task="closed VQA", task_type="visual-question-answering", dataset=dataset, split="test",
+               metric="accuracy", variant=f"M3D letter rule, {category} questions, n={scores['num_samples']}",
+               value=scores["accuracy_m3d"]) for category, scores in closed["per_category"].items()),
         dict(task="segmentation", task_type="image-segmentation", dataset=dataset, split="test", metric="dice",
              variant=f"soft, M3D, n={seg['num_samples']}", value=seg["dice_soft"]),
         dict(task="segmentation", task_type="image-segmentation", dataset=dataset, split="test", metric="dice",
@@ -106,7 +109,7 @@ def evaluate_quickstart(data: Path, clip_dir: Path, model_dir: Path, eval_sample
         dict(task="retrieval", task_type="image-text-retrieval", dataset=dataset, split="test", metric="recall@1",
              variant=f"image to report, pool {retrieval['pool_size']}", value=retrieval["i2t_r@1"]),
     ]
-    return records, {key: closed[key] for key in ("per_question", "predictions")}
+    return records, {key: closed[key] for key in ("per_category", "per_question", "predictions")}
 
 
 def run_quickstart(settings: QuickstartSettings) -> list[dict]:

@@ -3,7 +3,9 @@
 - M3D-Cap: `M3D_Cap.json` (`{split: [{"image": "<case>/<series>/x.npy", "text": ".../text.txt"}]}`), images
   normalised to [0, 1] with a channel axis (LaMed/src/dataset/multi_dataset.py).
 - M3D-VQA: CSV with `Image Path, Question Type, Question, Choice A..D, Answer, Answer Choice`; closed questions are
-  asked with their choices and answered `"{letter}. {answer}"`, as M3D trains and scores them.
+  asked with their choices and answered `"{letter}. {answer}"`, as M3D trains and scores them; the `Question Type`
+  (1 to 5) becomes the row's `question_category` (plane, phase, organ, abnormality, location), which closed-VQA
+  accuracy is broken down by, as in M3D's paper.
 - M3D-Seg (LaMed's preprocessed form): `<tag>/<tag>.json` (decathlon lists `train` / `test` of `{"image", "label"}`),
   one `.npy` mask per class named `..._<class id>.npy`, class names given by the caller.
 - M3D-RefSeg: CSV `Image, Mask, Mask_ID, Question_Type, Question, Answer`; the mask is `label_map == Mask_ID`.
@@ -29,6 +31,8 @@ from voxlm.processing import read_volume
 from .hub_format import encode_array, split_of, write_dataset
 
 M3D_MODALITY = "M3D (normalised to [0, 1])"  # not "CT": the volume processor then scales by percentiles, not HU
+# M3D-VQA's `Question Type`: Data/process/m3d_vqa_data_generation.py asks for questions on these five aspects.
+M3D_VQA_CATEGORIES = {"1": "plane", "2": "phase", "3": "organ", "4": "abnormality", "5": "location"}
 CQ500_FINDINGS = {"IPH": "intraparenchymal", "IVH": "intraventricular", "SDH": "subdural", "EDH": "epidural",
                   "SAH": "subarachnoid"}
 CQ500_CLOSED = {
@@ -94,10 +98,14 @@ def convert_m3d_vqa(csv_paths: list[str | Path], data_root: str | Path, test_fra
             image = load_m3d_image(data_root, record["Image Path"])
             split = split_of(patient, test_fraction)
             choices = [f"{letter}. {record[f'Choice {letter}']}" for letter in "ABCD"]
+            category = str(record["Question Type"]).strip()
+            if category not in M3D_VQA_CATEGORIES:
+                raise ValueError(f"{Path(csv_path).name}, row {index + 1}: Question Type {category!r} is not one of "
+                                 f"M3D-VQA's {sorted(M3D_VQA_CATEGORIES)}")
             closed = base_row(f"m3d-vqa-{Path(csv_path).stem}-{index:07d}-closed", patient, image, M3D_MODALITY, split)
             closed.update(question=f"{record['Question']} Choices: {' '.join(choices)}", choices=choices,
                           answer=f"{record['Answer Choice']}. {record['Answer']}", question_type="closed",
-                          report=record.get("Text"))
+                          question_category=M3D_VQA_CATEGORIES[category], report=record.get("Text"))
             opened = dict(closed, id=closed["id"][: -len("closed")] + "open", question=record["Question"],
                           answer=str(record["Answer"]), choices=None, question_type="open")
             rows += [closed, opened]
@@ -160,8 +168,8 @@ def head_ct_questions(types: list[str], side: str, closed: dict[str, bool]) -> l
     else:
         answer = "There is no intracranial hemorrhage."
     qa = [dict(question="What type of hemorrhage is there, and on which side?", answer=answer, question_type="open")]
-    qa += [dict(question=question, answer="Yes." if value else "No.", question_type="closed")
-           for question, value in closed.items()]
+    qa += [dict(question=question, answer="Yes." if value else "No.", question_type="closed",
+                question_category="abnormality") for question, value in closed.items()]
     return qa
 
 

@@ -43,6 +43,8 @@ SCHEMA = pa.schema([
     ("question", pa.string()),
     ("answer", pa.string()),
     ("question_type", pa.string()),
+    # What a question asks about, for per-category scores: M3D-VQA's plane, phase, organ, abnormality, location.
+    ("question_category", pa.string()),
     ("choices", pa.list_(pa.string())),
     ("mask", pa.binary()),
     ("mask_label", pa.string()),

@@ -28,7 +28,8 @@ def case_rows(case: PhantomCase, split: str) -> list[dict]:
     rows = [dict(base, id=f"{case.case_id}-report", question=REPORT_QUESTION, answer=case.report, question_type="report")]
     for index, qa in enumerate(case.qa):
         row = dict(base, id=f"{case.case_id}-q{index:02d}", question_type=qa["question_type"],
-                   question=qa["question"], answer=qa["answer"], choices=qa.get("choices"))
+                   question_category=qa.get("question_category"), question=qa["question"], answer=qa["answer"],
+                   choices=qa.get("choices"))
         if "box" in qa:
             row["box"] = qa["box"]
             if qa["question_type"] == "rec":

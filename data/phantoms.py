@@ -263,18 +263,20 @@ def question_answers(finding: Finding | None, rng: np.random.Generator) -> list[
     type_choices, type_answer = four_choices(correct_type, type_names, rng)
     side_names = ["Left", "Right", "Bilateral", "No lesion"]
     side_choices, side_answer = four_choices(finding.side.capitalize() if finding else "No lesion", side_names, rng)
+    # Categories as M3D-VQA's: what is abnormal (presence and type of a finding), and where it is.
     qa = [
-        dict(question="Is there an intracranial hemorrhage?", answer=yes_no(hemorrhage), question_type="closed"),
-        dict(question="Is there a skull fracture?", answer=yes_no(fracture), question_type="closed"),
-        dict(question="Is there a calvarial fracture?", answer=yes_no(fracture), question_type="closed"),
-        dict(question="Is there mass effect?", answer=yes_no(shifted), question_type="closed"),
-        dict(question="Is there a midline shift?", answer=yes_no(shifted), question_type="closed"),
-        dict(question="Is there a chronic bleed?", answer="No.", question_type="closed"),
+        dict(question="Is there an intracranial hemorrhage?", answer=yes_no(hemorrhage)),
+        dict(question="Is there a skull fracture?", answer=yes_no(fracture)),
+        dict(question="Is there a calvarial fracture?", answer=yes_no(fracture)),
+        dict(question="Is there mass effect?", answer=yes_no(shifted)),
+        dict(question="Is there a midline shift?", answer=yes_no(shifted)),
+        dict(question="Is there a chronic bleed?", answer="No."),
         dict(question="What type of hemorrhage is present? " + " ".join(type_choices), answer=type_answer,
-             question_type="closed", choices=type_choices),
+             choices=type_choices),
         dict(question="On which side is the abnormality? " + " ".join(side_choices), answer=side_answer,
-             question_type="closed", choices=side_choices),
+             choices=side_choices, question_category="location"),
     ]
+    qa = [{"question_type": "closed", "question_category": "abnormality", **item} for item in qa]
     if finding is None:
         qa.append(dict(question="What type of hemorrhage is there, and on which side?",
                        answer="There is no intracranial hemorrhage.", question_type="open"))

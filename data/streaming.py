@@ -44,7 +44,8 @@ def short_stream_close_sleep():
         datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = previous
 
 
-TEXT_FIELDS = ("id", "patient_id", "question", "answer", "question_type", "report", "choices", "box", "mask_label")
+TEXT_FIELDS = ("id", "patient_id", "question", "answer", "question_type", "question_category", "report", "choices",
+               "box", "mask_label")
 
 
 def stream_rows(path: str, config: str, split: str, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,

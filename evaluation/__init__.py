@@ -1,4 +1,4 @@
-"""Evaluation: M3D-Bench metrics (exact) and the standard variants."""
+"""Evaluation: M3D-Bench metrics as its own code computes them (`M3D_BENCH_AUDIT.md`) and the standard variants."""
 
 from .metrics import (
     MetricDataMissingError,
@@ -6,6 +6,10 @@ from .metrics import (
     closed_vqa_accuracy,
     closed_vqa_correct,
     dice,
+    m3d_box_from_text,
+    m3d_box_iou,
+    m3d_dice,
+    meteor,
     retrieval_recall,
     text_metrics,
     zero_shot_scores,
@@ -17,6 +21,10 @@ __all__ = [
     "closed_vqa_accuracy",
     "closed_vqa_correct",
     "dice",
+    "m3d_box_from_text",
+    "m3d_box_iou",
+    "m3d_dice",
+    "meteor",
     "retrieval_recall",
     "text_metrics",
     "zero_shot_scores",

