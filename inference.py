@@ -332,9 +332,9 @@ def retrieve(volume, reports: list[str], clip=None, top_k: int = 5,
     if not reports:
         raise ValueError("The report gallery is empty")
     clip = clip or load_voxclip()
+    _, processor = clip
     texts = report_embeddings if report_embeddings is not None else embed_reports(reports, clip)
-    image = embed_volume(read_input(volume, clip[1].image_processor), clip, modality)
-    scores = texts @ image  # (N, P) @ (P,) -> (N,)
+    scores = texts @ embed_volume(read_input(volume, processor.image_processor), clip, modality)  # (N, P) @ (P,)
     best = scores.argsort(descending=True)[:top_k].tolist()
     return [{"rank": r + 1, "index": i, "score": round(float(scores[i]), 4), "report": reports[i]}
             for r, i in enumerate(best)]
