@@ -8,6 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from voxlm.processing.image_processing_voxlm import CT_AIR_BELOW, CT_MIN_AIR_SHARE, NOT_CT_MODALITY
+
 TEMPLATES = Path(__file__).parent
 TAGS = ["medical", "3d", "ct", "voxlm"]
 NOT_MEASURED = "Not measured by the command that saved this model; measure it with `voxlm evaluate --model {path} ...`."
@@ -84,8 +86,12 @@ def preprocessing_summary(volume_processor) -> str:
     window = f"the {window!r} Hounsfield window" if isinstance(window, str) else f"a Hounsfield window of {window}"
     crop = ", foreground crop" if volume_processor.crop_foreground else ""
     low, high = volume_processor.percentiles
-    return (f"reorientation to RAS (depth first); CT: {window}; other modalities: percentiles {low:g}-{high:g}; "
-            f"scaled to [0, 1]{crop}; trilinear resize to {list(volume_processor.image_size)} (D, H, W)")
+    return (f"reorientation to RAS (depth first); the modality is the caller's `modality=`, else the file's DICOM "
+            f"Modality tag, else {volume_processor.modality!r}, except that a volume without air (at most "
+            f"{CT_MIN_AIR_SHARE:.1%} of its voxels below {CT_AIR_BELOW:g}) cannot be CT in Hounsfield units and is "
+            f"normalised as {NOT_CT_MODALITY}, with a warning; CT: {window}; other modalities: percentiles "
+            f"{low:g}-{high:g}; scaled to [0, 1]{crop}; trilinear resize to {list(volume_processor.image_size)} "
+            "(D, H, W)")
 
 
 def memory_summary(model, trainable_only: bool = False) -> str:

@@ -62,6 +62,8 @@ def test_cards_without_results_say_how_to_measure_them():
 def test_preprocessing_and_memory_are_read_from_the_objects():
     text = preprocessing_summary(VoxVolumeProcessor(image_size=(8, 16, 16), ct_window="subdural"))
     assert "'subdural' Hounsfield window" in text and "[8, 16, 16]" in text and "percentiles 0.5-99.5" in text
+    assert "else 'CT', except that a volume without air" in text and "is normalised as MR" in text
+    assert "else 'MR'," in preprocessing_summary(VoxVolumeProcessor(modality="MR"))
     model = VoxLMForConditionalGeneration(tiny_voxlm_config())
     count = sum(p.numel() for p in model.parameters())
     assert f"{count / 1e6:.2f} M parameters" in memory_summary(model)
