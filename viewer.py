@@ -193,6 +193,14 @@ def describe_modality(modality: str, reason: str, choice: str) -> str:
     return f"Modality {modality}: {reason}{override}. Shown with the {choice} window."
 
 
+def describe_shown(study: Study, series: int, modality: str, reason: str, choice: str) -> str:
+    """The status line of a shown series: `describe_series`, `describe_modality`, and the modality the model reads it
+    as when the visitor's window `choice` switched between CT and MRI (`modality_override`)."""
+    line = f"{describe_series(study, series)}. {describe_modality(modality, reason, choice)}"
+    asked = modality_override(choice, modality)
+    return line if asked is None else f"{line} The model reads it as {asked}, as the window asks."
+
+
 def describe_boxes(prediction) -> str:
     """A Markdown list of the boxes of a `voxlm.inference.Prediction`: model coordinates and RAS mm corners."""
     summary = prediction.to_dict()

@@ -74,9 +74,10 @@ def show(study, series: int, window, path) -> tuple:
     modality, reason = processor.choose_modality(volume)
     window = viewer.window_for(modality, window, processor.ct_window)
     view = {"path": str(path), "study": study, "series": series, "volume": volume, "mask": None, "boxes": [],
-            "modality": modality, "display": viewer.display_volume(volume, processor, window)}
+            "modality": modality, "modality_reason": reason,
+            "display": viewer.display_volume(volume, processor, window)}
     sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1) for n in volume.array.shape]
-    status = f"{viewer.describe_series(study, series)}. {viewer.describe_modality(modality, reason, window)}"
+    status = viewer.describe_shown(study, series, modality, reason, window)
     return view, gr.Dropdown(viewer.WINDOW_CHOICES, value=window), *sliders, status
 
 
@@ -99,9 +100,11 @@ def load(paths, window):
 
 
 def rewindow(view, window):
+    """The view shown with another window, and the status line that says so."""
     if view is None:
-        return None
-    return {**view, "display": viewer.display_volume(view["volume"], volume_processor(), window)}
+        return None, gr.skip()
+    status = viewer.describe_shown(view["study"], view["series"], view["modality"], view["modality_reason"], window)
+    return {**view, "display": viewer.display_volume(view["volume"], volume_processor(), window)}, status
 
 
 def ask(view, question, window, progress=gr.Progress()):
@@ -182,7 +185,7 @@ def build_demo() -> gr.Blocks:
         # The menu lists the series of a loaded study only, so a pick always has a view to show.
         series.input(lambda v, index, w: show(v["study"], index, w, v["path"]), [view, series, window],
                      [view, window, *sliders, status]).then(**view_events).then(**clear)
-        window.input(rewindow, [view, window], [view]).then(**view_events)
+        window.input(rewindow, [view, window], [view, status]).then(**view_events)
         for slider in sliders:
             slider.change(trigger_mode="always_last", **view_events)
         ask_event = dict(fn=ask, inputs=[view, question, window], outputs=[view, answer, boxes, mask_file])

