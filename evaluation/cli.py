@@ -18,7 +18,8 @@ def evaluate(model_dir: str, data: str, task: str, split: str = "test", limit: i
     from . import runner
 
     processor = AutoProcessor.from_pretrained(model_dir)  # a VoxLMProcessor, or a VoxCLIP's VoxCLIPProcessor
-    samples = held_out_samples(data, task, processor.image_processor, limit, split, shuffle_buffer)  # checks `task` first
+    # held_out_samples checks `task` first.
+    samples = held_out_samples(data, task, processor.image_processor, limit, split, shuffle_buffer)
     model = AutoModel.from_pretrained(model_dir)
     if task == "vqa-closed":
         metrics = runner.evaluate_closed_vqa(model, processor, samples, batch_size, max_new_tokens or 8)
@@ -53,14 +54,23 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=0,
                         help="draw the samples through a fixed shuffle of this many rows (0: stored order)")
     parser.add_argument("--out", type=Path, help="write results as JSON (and Markdown beside it)")
+    parser.add_argument("--card", action="store_true",
+                        help="add the results to the model-index of the model folder's card (its README.md)")
 
     def run(args):
-        from .report import results_markdown, write_results
+        from voxlm.model_cards import add_results_to_card
 
+        from .report import result_records, results_markdown, write_results
+
+        if args.card and not (Path(args.model) / "README.md").is_file():
+            parser.error(f"--card adds the results to the README.md card of a local model folder; {args.model} "
+                         "has none")
         results = evaluate(args.model, args.data, args.task, args.split, args.limit, args.batch_size,
                            args.max_new_tokens, args.shuffle_buffer)
         print(results_markdown(results))
         if args.out:
             write_results(results, args.out)
+        if args.card:
+            add_results_to_card(args.model, result_records(results))
 
     parser.set_defaults(func=run)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The Hub's task type of each `voxlm evaluate` task, for `model-index` entries.
+TASK_TYPES = {"vqa-closed": "visual-question-answering", "vqa-open": "visual-question-answering",
+              "report": "image-to-text", "reg": "image-to-text", "rec": "object-detection",
+              "seg": "image-segmentation", "refseg": "image-segmentation", "retrieval": "image-text-retrieval"}
 TABLE1_COLUMNS = (("BLEU-1", "bleu_1"), ("BLEU-2", "bleu_2"), ("BLEU-3", "bleu_3"), ("BLEU-4", "bleu_4"),
                   ("ROUGE-1", "rouge_1"), ("METEOR", "meteor"))
 
@@ -36,6 +40,20 @@ def results_markdown(results: dict) -> str:
     if results["metrics"].get("per_category"):
         parts += ["", category_table(results["metrics"]["per_category"])]
     return "\n".join(parts) + "\n"
+
+
+def result_records(results: dict) -> list[dict]:
+    """`voxlm evaluate`'s results as `model-index` records (`voxlm.model_cards.eval_result`): every number it
+    measured, and closed VQA's accuracy per question category."""
+    data = results["data"]
+    base = dict(task=results["task"], task_type=TASK_TYPES[results["task"]], split=results["split"],
+                dataset=Path(data).name if Path(data).exists() else data)  # a local folder by its name, else a Hub id
+    metrics = results["metrics"]
+    records = [dict(base, metric=name, variant=f"n={results['num_samples']}", value=value)
+               for name, value in metrics.items() if isinstance(value, float)]
+    records += [dict(base, metric="accuracy_m3d", variant=f"{category} questions, n={scores['num_samples']}",
+                     value=scores["accuracy_m3d"]) for category, scores in metrics.get("per_category", {}).items()]
+    return records
 
 
 def write_results(results: dict, path: str | Path) -> Path:

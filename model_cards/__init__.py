@@ -28,14 +28,33 @@ def results_table(results: list[dict], path: str = "PATH") -> str:
     return "\n".join(lines)
 
 
+def eval_result(record: dict) -> EvalResult:
+    """The `model-index` entry of a `{"task", "task_type", "dataset", "split", "metric", "variant", "value"}` record."""
+    return EvalResult(task_type=record["task_type"], dataset_type=record["dataset"], dataset_name=record["dataset"],
+                      dataset_split=record["split"], metric_type=record["metric"],
+                      metric_name=f"{record['metric']} ({record['variant']})",
+                      metric_value=round(float(record["value"]), 4))
+
+
+def add_results_to_card(folder: str | Path, records: list[dict]) -> Path:
+    """Add measured results to the `model-index` of a saved model's card (`README.md` in its folder), in place of
+    earlier entries with the same dataset, split and metric name; the rest of the card is kept."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no README.md model card to add the results to (save_pretrained writes one)")
+    card = ModelCard.load(path)
+    new = [eval_result(record) for record in records]
+    replaced = {(r.dataset_name, r.dataset_split, r.metric_name) for r in new}
+    kept = [r for r in card.data.eval_results or [] if (r.dataset_name, r.dataset_split, r.metric_name) not in replaced]
+    card.data.eval_results = kept + new
+    card.data.model_name = card.data.model_name or Path(folder).name  # the Hub's model-index needs a name
+    card.save(path)
+    return path
+
+
 def _render(template: str, model_name: str, results: list[dict], card_data: dict, fields: dict) -> ModelCard:
     """Fill a template; `results` become `model-index` entries and the Markdown table."""
-    eval_results = [
-        EvalResult(task_type=r["task_type"], dataset_type=r["dataset"], dataset_name=r["dataset"],
-                   dataset_split=r["split"], metric_type=r["metric"], metric_name=f"{r['metric']} ({r['variant']})",
-                   metric_value=round(float(r["value"]), 4))
-        for r in results
-    ]
+    eval_results = [eval_result(r) for r in results]
     data = ModelCardData(language="en", license="apache-2.0", model_name=model_name,
                          eval_results=eval_results or None, **card_data)
     table = results_table(results, fields.get("repo_or_path", "PATH"))

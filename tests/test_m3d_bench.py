@@ -6,10 +6,12 @@ also checked live against the call sequence those scripts use, on the libraries 
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub import ModelCard
 from nltk import word_tokenize
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer, scoring
@@ -146,9 +148,10 @@ def test_evaluate_prints_closed_vqa_per_m3d_question_type(demo_model_dirs, tmp_p
     assert {r["question_category"] for r in rows if r["question_type"] == "closed"} == {
         "plane", "phase", "organ", "abnormality", "location"}
     data = write_converted(rows, tmp_path / "m3d-vqa", "M3D-VQA")
+    model = shutil.copytree(demo_model_dirs[0], tmp_path / "model")  # its card is updated
     out = tmp_path / "results" / "vqa_closed.json"
-    assert cli.main(["evaluate", "--model", str(demo_model_dirs[0]), "--data", str(data), "--task", "vqa-closed",
-                     "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert cli.main(["evaluate", "--model", str(model), "--data", str(data), "--task", "vqa-closed",
+                     "--max-new-tokens", "4", "--out", str(out), "--card"]) == 0
     printed = capsys.readouterr().out
     assert "| question category | accuracy (M3D) | exact match | n |" in printed
     for category in ("plane", "phase", "organ", "abnormality", "location"):
@@ -156,6 +159,15 @@ def test_evaluate_prints_closed_vqa_per_m3d_question_type(demo_model_dirs, tmp_p
     saved = json.loads(out.read_text())
     assert list(saved["metrics"]["per_category"]) == ["plane", "phase", "organ", "abnormality", "location"]
     assert "| location |" in out.with_suffix(".md").read_text()
+    # The model's card: its model-index holds every measured number and each category's accuracy, its text is kept.
+    card = ModelCard.load(model / "README.md")
+    entries = {(r.dataset_name, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert entries[("m3d-vqa", "accuracy_m3d (plane questions, n=2)")] == 0.0
+    assert ("m3d-vqa", "accuracy_m3d (n=10)") in entries and ("m3d-vqa", "exact_match (n=10)") in entries
+    assert "Research use only" in card.text
+    assert cli.main(["evaluate", "--model", str(model), "--data", str(data), "--task", "vqa-closed",
+                     "--max-new-tokens", "4", "--card"]) == 0  # a second run replaces its entries
+    assert len(ModelCard.load(model / "README.md").data.eval_results) == len(card.data.eval_results)
 
 
 def test_m3d_vqa_question_types_outside_one_to_five_are_refused(tmp_path):
