@@ -86,8 +86,8 @@ def convert_m3d_lamed_state_dict(
             converted[key.replace("model.mm_projector.projector.0.", "multi_modal_projector.linear_1.")] = value
         elif key.startswith("model.mm_projector.projector.2."):
             converted[key.replace("model.mm_projector.projector.2.", "multi_modal_projector.linear_2.")] = value
-        elif key.startswith("model.mm_projector."):
-            converted[key.replace("model.mm_projector.", "multi_modal_projector.linear.")] = value
+        elif key.startswith("model.mm_projector."):  # the `linear` projector: M3D's `FullLinear` holds `linear`
+            converted[key.replace("model.mm_projector.", "multi_modal_projector.")] = value
         elif key.startswith("model.seg_projector."):
             converted[key.replace("model.seg_projector.", "seg_head.prompt_projector.")] = value
         elif key.startswith("model.seg_module."):

@@ -435,6 +435,23 @@ class M3DReference(torch.nn.Module):
         return self.llm(inputs_embeds=embeds).logits
 
 
+def test_m3d_linear_projector_converts_to_m3d_outputs():
+    """M3D's own `linear` projector (`FullLinear`, run by tests/m3d_lamed/make_linear_projector.py) and its output."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(__file__).parent / "m3d_lamed" / "linear_projector.safetensors")
+    converted, skipped = convert_m3d_lamed_state_dict({k: v for k, v in saved.items() if k.startswith("model.")})
+    assert sorted(converted) == ["multi_modal_projector.linear.bias", "multi_modal_projector.linear.weight"]
+    assert not skipped
+    model = VoxLMForConditionalGeneration(tiny_voxlm_config(projector_type="linear")).eval()
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not unexpected and not any(key.startswith("multi_modal_projector.linear") for key in missing)
+    with torch.no_grad():
+        torch.testing.assert_close(model.multi_modal_projector(saved["input"]), saved["output"], rtol=0, atol=1e-6)
+
+
 def test_m3d_lamed_checkpoint_converts_to_identical_outputs():
     config = tiny_voxlm_config()
     torch.manual_seed(0)
