@@ -241,16 +241,19 @@ def m3d_dice(probabilities, targets) -> float:
     """M3D's soft Dice of one mask (`Bench/eval/metrics.py`'s `BinaryDice` on the sigmoid of the mask logits):
     `2 * sum(p * t) / (sum(p) + sum(t) + 1)`, the 1 in the denominator only, `-1` targets counted as 0. M3D computes
     it in float32; here it is float64 (they agree to about 1e-7)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    targets = np.clip(np.asarray(targets, dtype=np.float64), 0, None)
+    probabilities, targets = mask_arrays(probabilities, targets)
     return float(2 * (probabilities * targets).sum() / (probabilities.sum() + targets.sum() + 1))
+
+
+def mask_arrays(probabilities, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as float64, with M3D's ignore label (`-1`) in the targets counted as background."""
+    return np.asarray(probabilities, dtype=np.float64), np.clip(np.asarray(targets, dtype=np.float64), 0, None)
 
 
 def dice(probabilities, targets, threshold: float | None = None, smooth: float = 1e-5) -> float:
     """Dice of one mask, the standard variant beside `m3d_dice`: `(2 * sum(p * t) + smooth) / (sum(p) + sum(t) +
     smooth)` on probabilities, or on the mask after `threshold` (hard Dice); `-1` targets count as 0 (as in M3D)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    targets = np.clip(np.asarray(targets, dtype=np.float64), 0, None)
+    probabilities, targets = mask_arrays(probabilities, targets)
     if threshold is not None:
         probabilities = (probabilities > threshold).astype(np.float64)
     return float((2 * (probabilities * targets).sum() + smooth) / (probabilities.sum() + targets.sum() + smooth))
@@ -267,16 +270,20 @@ def m3d_box_iou(box_a, box_b) -> float:
     """M3D's box score (`Bench/utils.py`'s `calculate_iou`): the intersection's volume over the volume of the box
     enclosing both (not their union) plus 1e-6. It is at most the IoU, and equals it only for nested or equal boxes;
     `box_iou_3d` is the IoU."""
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    intersection = np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None).prod()
+    a, b, intersection = box_intersection(box_a, box_b)
     enclosing = (np.maximum(a[3:], b[3:]) - np.minimum(a[:3], b[:3])).prod()
     return float(intersection / (enclosing + M3D_IOU_EPSILON))
 
 
+def box_intersection(box_a, box_b) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both boxes `(z1, y1, x1, z2, y2, x2)` as float64 arrays, and the volume they share."""
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    return a, b, np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None).prod()
+
+
 def box_iou_3d(box_a, box_b) -> float:
     """IoU (intersection over union) of two boxes `(z1, y1, x1, z2, y2, x2)`."""
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    overlap = np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None).prod()
+    a, b, overlap = box_intersection(box_a, box_b)
     volume = lambda box: np.clip(box[3:] - box[:3], 0, None).prod()  # noqa: E731
     union = volume(a) + volume(b) - overlap
     return float(overlap / union) if union > 0 else 0.0

@@ -654,8 +654,9 @@ def read_volume(
     Args:
         source: a path (`.nii`, `.nii.gz`, `.npy`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`, a DICOM series folder or `.zip`),
             a nibabel NIfTI image (`nib.load(...)` or built in memory, read with its affine), a numpy array or a
-            torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as is). A path must be a regular file or a folder; detached NRRD / MetaImage data files must be regular
-            files beside their header.
+            torch tensor (arrays are taken as canonical `(D, H, W)`), or a `Volume` (returned as is). A path must be
+            a regular file or a folder; detached NRRD / MetaImage data files must be regular files beside their
+            header.
         frame (`int`, *optional*): which frame or channel of 4D data to take; 4D data without it is an error.
         max_voxels (`int`, defaults to 1024**3): refuse headers that claim more voxels, before allocating them.
         limits (`ReadLimits`, *optional*, defaults to `ReadLimits()`): the bytes and files the read may take.

@@ -35,18 +35,18 @@ def run_without_voxlm(kind: str, folder: Path, text: str, volumes: list, workdir
         return {name: saved.get_tensor(name) for name in saved.keys()}, json.loads(saved.metadata()["texts"])
 
 
-def assert_remote_classes(texts: dict) -> None:
+def assert_remote_classes(texts: dict, names: list[str]) -> None:
     # Every class came from the folder's code, which transformers imports as `transformers_modules.<folder>...`.
     assert texts["classes"] and all(name.startswith("transformers_modules.") for name in texts["classes"]), texts
+    assert [name.rsplit(".", 1)[1] for name in texts["classes"]] == names
 
 
 def test_voxlm_folder_without_voxlm_gives_voxlm_inputs_tokens_and_masks(demo_model_dirs, mni_path, tmp_path):
     folder = demo_model_dirs[0]
     volumes = [mni_path, CT5N]
     remote, texts = run_without_voxlm("voxlm", folder, DEMO_SEG_QUESTION, volumes, tmp_path)
-    assert_remote_classes(texts)
-    assert [name.rsplit(".", 1)[1] for name in texts["classes"]] == [
-        "VoxLMProcessor", "VoxVolumeProcessor", "VoxLMForConditionalGeneration", "VoxLMPipeline"]
+    assert_remote_classes(texts, ["VoxLMProcessor", "VoxVolumeProcessor", "VoxLMForConditionalGeneration",
+                                  "VoxLMPipeline"])
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
     answerer = pipeline("image-text-to-text", model=folder, pipeline_class=VoxLMPipeline)
@@ -69,9 +69,7 @@ def test_voxclip_folder_without_voxlm_gives_voxlm_embeddings(demo_model_dirs, mn
     folder = demo_model_dirs[1]
     volumes = [mni_path, CT5N]
     remote, texts = run_without_voxlm("voxclip", folder, REPORT, volumes, tmp_path)
-    assert_remote_classes(texts)
-    assert [name.rsplit(".", 1)[1] for name in texts["classes"]] == [
-        "VoxCLIPProcessor", "VoxVolumeProcessor", "VoxCLIPModel"]
+    assert_remote_classes(texts, ["VoxCLIPProcessor", "VoxVolumeProcessor", "VoxCLIPModel"])
     model, processor = inference.load_voxclip(str(folder), device="cpu")
     with torch.no_grad():
         for index, volume in enumerate(volumes):
