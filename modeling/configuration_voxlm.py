@@ -36,13 +36,26 @@ def auto_text_config(text_config, default_model_type: str, examples: str) -> Pre
     return text_config
 
 
+SEG_HEAD_TYPES = ("voxseg", "segvol")
+SEG_PROMPT_TOKENS = ("seg", "previous")
+
+
 class VoxSegConfig(PretrainedConfig):
     r"""
     Configuration of the promptable 3D mask decoder that turns a `[SEG]` hidden state into mask logits.
 
     Args:
+        head_type (`str`, *optional*, defaults to `"voxseg"`):
+            `"voxseg"`: voxlm's light head, a two-way decoder over the VoxViT patch features the LLM already reads
+            (the default for new models). `"segvol"`: M3D-LaMed's SegVol, with its own ViT over the volume
+            (`image_encoder_config`), SAM's prompt encoder fed the projected `[SEG]` state and SAM's mask decoder
+            (M3D: LaMed/src/model/segmentation_module/); what converted M3D-LaMed checkpoints hold.
+        prompt_token (`str`, *optional*, defaults to `"seg"`):
+            Whose last hidden state prompts the mask: `"seg"`, the `[SEG]` token's own; `"previous"`, the token
+            before it, the state that predicted `[SEG]`, as M3D-LaMed trains and generates (lamed_llama.py,
+            lamed_phi3.py), which its released weights need.
         hidden_size (`int`, *optional*, defaults to 256):
-            Width of the decoder (prompt embedding, mask token and image embedding).
+            Width of the decoder (prompt embedding, mask tokens and image embedding); for SegVol also its ViT's.
         num_hidden_layers (`int`, *optional*, defaults to 2):
             Two-way attention layers between prompt tokens and image features (SAM / SegVol decoder).
         num_attention_heads (`int`, *optional*, defaults to 8):
@@ -55,12 +68,23 @@ class VoxSegConfig(PretrainedConfig):
             Weight of the Dice loss added to the LM loss.
         bce_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the binary cross-entropy loss added to the LM loss.
+        image_encoder_config (`VoxViTConfig` or `dict`, *optional*):
+            SegVol only, and required there: its ViT over the volume (MONAI `ViT` without a CLS token; M3D builds it
+            ViT-B wide on the LLM encoder's `image_size` and `patch_size`). Its width is `hidden_size`.
+        num_mask_tokens (`int`, *optional*, defaults to 4):
+            SegVol only: SAM's mask tokens (3 multimask outputs + 1); all of them take part in the decoder's
+            attention, and the first one's mask is the output.
+        attention_downsample_rate (`int`, *optional*, defaults to 2):
+            SegVol only: SAM's cross-attentions work at `hidden_size / attention_downsample_rate`.
     """
 
     model_type = "voxseg"
+    sub_configs = {"image_encoder_config": VoxViTConfig}
 
     def __init__(
         self,
+        head_type: str = "voxseg",
+        prompt_token: str = "seg",
         hidden_size: int = 256,
         num_hidden_layers: int = 2,
         num_attention_heads: int = 8,
@@ -68,8 +92,13 @@ class VoxSegConfig(PretrainedConfig):
         prompt_dropout: float = 0.1,
         dice_loss_weight: float = 1.0,
         bce_loss_weight: float = 1.0,
+        image_encoder_config=None,
+        num_mask_tokens: int = 4,
+        attention_downsample_rate: int = 2,
         **kwargs,
     ):
+        self.head_type = head_type
+        self.prompt_token = prompt_token
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -77,16 +106,49 @@ class VoxSegConfig(PretrainedConfig):
         self.prompt_dropout = prompt_dropout
         self.dice_loss_weight = dice_loss_weight
         self.bce_loss_weight = bce_loss_weight
+        if isinstance(image_encoder_config, dict):
+            image_encoder_config = VoxViTConfig(**image_encoder_config)
+        self.image_encoder_config = image_encoder_config
+        self.num_mask_tokens = num_mask_tokens
+        self.attention_downsample_rate = attention_downsample_rate
         super().__init__(**kwargs)
-        if hidden_size % num_attention_heads != 0:
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Raise `ValueError` naming the field when the decoder cannot be built as configured."""
+        if self.head_type not in SEG_HEAD_TYPES:
+            raise ValueError(f"seg_config: unknown `head_type` {self.head_type!r}; choose one of {SEG_HEAD_TYPES}")
+        if self.prompt_token not in SEG_PROMPT_TOKENS:
             raise ValueError(
-                f"seg_config: `hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
-                f"({num_attention_heads})"
+                f"seg_config: unknown `prompt_token` {self.prompt_token!r}; choose one of {SEG_PROMPT_TOKENS}"
             )
-        if hidden_size % 8 != 0:
-            raise ValueError(f"seg_config: `hidden_size` ({hidden_size}) must be divisible by 8 (two 2x upsamplings)")
-        if dice_loss_weight < 0 or bce_loss_weight < 0:
+        width, heads = self.hidden_size, self.num_attention_heads
+        if width % heads != 0:
+            raise ValueError(
+                f"seg_config: `hidden_size` ({width}) must be divisible by `num_attention_heads` ({heads})"
+            )
+        if width % 8 != 0:
+            raise ValueError(f"seg_config: `hidden_size` ({width}) must be divisible by 8 (two 2x upsamplings)")
+        if self.dice_loss_weight < 0 or self.bce_loss_weight < 0:
             raise ValueError("seg_config: `dice_loss_weight` and `bce_loss_weight` must be >= 0")
+        if self.head_type != "segvol":
+            return
+        encoder = self.image_encoder_config
+        if encoder is None:
+            raise ValueError("seg_config: head_type='segvol' needs an `image_encoder_config` (SegVol's own ViT)")
+        if encoder.hidden_size != width:
+            raise ValueError(
+                f"seg_config: SegVol's `image_encoder_config.hidden_size` ({encoder.hidden_size}) must equal "
+                f"`hidden_size` ({width}): the decoder reads the ViT's tokens as they are"
+            )
+        if self.num_mask_tokens < 1:
+            raise ValueError(f"seg_config: `num_mask_tokens` must be >= 1, got {self.num_mask_tokens}")
+        rate = self.attention_downsample_rate
+        if rate < 1 or width % rate != 0 or (width // rate) % heads != 0:
+            raise ValueError(
+                f"seg_config: `attention_downsample_rate` ({rate}) must divide `hidden_size` ({width}) into a width "
+                f"that `num_attention_heads` ({heads}) divides"
+            )
 
 
 class VoxLMConfig(VoxConfig):
@@ -184,6 +246,13 @@ class VoxLMConfig(VoxConfig):
                     )
         if self.seg_config is not None and self.seg_token_id is None:
             raise ValueError("`seg_token_id` is required when a `seg_config` builds the segmentation head")
+        if self.seg_config is not None and self.seg_config.head_type == "segvol":
+            encoder = self.seg_config.image_encoder_config
+            if list(encoder.image_size) != list(self.vision_config.image_size):
+                raise ValueError(
+                    f"seg_config: SegVol's `image_encoder_config.image_size` {tuple(encoder.image_size)} must equal "
+                    f"`vision_config.image_size` {tuple(self.vision_config.image_size)}: both read the same volume"
+                )
         self.validate_study()
 
     def validate_study(self):

@@ -7,9 +7,11 @@
          (a study (B, S, 1, D, H, W) + scan_mask: VoxViT study mode, each scan projected alone -> (B, S, N_img, E_llm);
           the real scans' tokens in order, a learned separator between scans -> S_real N_img + S_real - 1 tokens)
       -> causal LM (built with from_config)       logits (B, L, V); the LM loss on answer tokens
-      -> hidden state at each `[SEG]` token       mean if several -> (B_seg, E_llm)
+      -> hidden state at each `[SEG]` token       (or at the token before it: `seg_config.prompt_token`), mean if
+                                                  several -> (B_seg, E_llm)
       -> VoxSegHead                               prompt projector + two-way attention over the patch features
-                                                  -> mask logits (B_seg, 1, D, H, W) at input resolution; Dice + BCE
+         (or SegVolHead, M3D's: its own ViT       -> mask logits (B_seg, 1, D, H, W) at input resolution; Dice + BCE
+          over the volume, SAM's decoder)
 
 Attention implementations: `config._attn_implementation` drives the seg head's attention, `vision_config`'s the
 VoxViT's and `text_config`'s the LLM's; a string `attn_implementation` sets all three, a dict per sub-config (e.g.
@@ -34,6 +36,7 @@ from transformers.utils import ModelOutput
 from .configuration_voxlm import VoxLMConfig
 from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
+from .modeling_segvol import SegVolHead, SegVolMaskDecoder, SegVolPromptEncoder
 from .modeling_voxvit import VoxViTModel, eager_attention_forward, pool_scan_tokens, write_model_card_if_missing
 
 
@@ -210,6 +213,8 @@ class VoxSegHead(nn.Module):
     mask is interpolated to the input size.
     """
 
+    input_name = "patch_features"  # what it reads besides the prompt state (SegVolHead reads pixel_values)
+
     def __init__(self, config: VoxLMConfig):
         super().__init__()
         seg, vision = config.seg_config, config.vision_config
@@ -241,6 +246,11 @@ class VoxSegHead(nn.Module):
         )
         self.hypernetwork = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width // 8))
 
+    @staticmethod
+    def no_weight_decay() -> set[str]:
+        """The learned positions and the mask token (see `VoxLMForConditionalGeneration.no_weight_decay`)."""
+        return {"image_position_embeddings", "mask_token"}
+
     def forward(self, seg_hidden_states: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -265,6 +275,9 @@ class VoxSegHead(nn.Module):
         return F.interpolate(low_res, size=self.image_size, mode="trilinear", align_corners=False)
 
 
+SEG_HEADS = {"voxseg": VoxSegHead, "segvol": SegVolHead}  # by `seg_config.head_type`
+
+
 class VoxLMPreTrainedModel(PreTrainedModel):
     config_class = VoxLMConfig
     config: VoxLMConfig
@@ -272,7 +285,7 @@ class VoxLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VoxViTBlock", "VoxSegTwoWayLayer"]
+    _no_split_modules = ["VoxViTBlock", "VoxSegTwoWayLayer", "SegVolTwoWayLayer"]
     # The KV cache's name in transformers >= 5.24, and before.
     _skip_keys_device_placement = ["cache", "past_key_values"]
     # Eager and SDPA only: the vision tower and the seg head pass boolean masks (`eager_attention_forward`); an LLM
@@ -301,6 +314,13 @@ class VoxLMPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.mask_token, mean=0.0, std=std)
         elif isinstance(module, VoxLMProjector) and module.scan_separator is not None:
             init.trunc_normal_(module.scan_separator, mean=0.0, std=std)
+        elif isinstance(module, SegVolMaskDecoder):
+            # SAM's tokens are nn.Embedding rows, initialised N(0, 1).
+            init.normal_(module.iou_token)
+            init.normal_(module.mask_tokens)
+        elif isinstance(module, SegVolPromptEncoder):
+            init.normal_(module.positional_encoding_gaussian_matrix)
+            init.normal_(module.no_mask_embedding)
 
 
 class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
@@ -322,7 +342,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         projector_class = SpatialPoolingProjector if config.projector_type == "spp" else LinearProjector
         self.multi_modal_projector = projector_class(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.seg_head = VoxSegHead(config) if config.seg_config is not None else None
+        self.seg_head = SEG_HEADS[config.seg_config.head_type](config) if config.seg_config is not None else None
         self.post_init()
 
     def no_weight_decay(self) -> set[str]:
@@ -332,9 +352,10 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
 
         - the vision tower's ([`VoxViTModel.no_weight_decay`]: position embeddings, CLS, scan embeddings), under
           `vision_tower.`;
-        - `seg_head.image_position_embeddings` and `seg_head.mask_token`: the seg head's learned positions and its
-          learned output token, tables added to or placed among the tokens, which decay would only shrink toward
-          "no position" and a zero query.
+        - the seg head's learned positions and tokens (`VoxSegHead`: `image_position_embeddings`, `mask_token`;
+          `SegVolHead`: its ViT's position embeddings, SAM's IoU and mask tokens, the "no mask" embedding), under
+          `seg_head.`: tables added to or placed among the tokens, which decay would only shrink toward "no position"
+          and a zero query.
 
         The LLM's weights, token embeddings included, decay as HF Trainer and nanoGPT decay them. Names are this
         model's own; under a PEFT wrapper `get_parameter(name)` still finds them (a `modules_to_save` wrapper answers
@@ -345,7 +366,7 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         """
         names = {f"vision_tower.{name}" for name in self.vision_tower.no_weight_decay()}
         if self.seg_head is not None:
-            names |= {"seg_head.image_position_embeddings", "seg_head.mask_token"}
+            names |= {f"seg_head.{name}" for name in self.seg_head.no_weight_decay()}
         return names
 
     def get_input_embeddings(self):
@@ -491,58 +512,88 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         inputs_embeds = inputs_embeds.masked_scatter(placeholder, tokens.to(inputs_embeds.dtype))
         return inputs_embeds, patch_features, image_features
 
-    @staticmethod
-    def select_seg_scan(
-        patch_features: torch.Tensor, scan_mask: torch.Tensor | None, seg_scan_index=0
+    def seg_head_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        patch_features: torch.Tensor | None,
+        scan_mask: torch.Tensor | None = None,
+        seg_scan_index=0,
     ) -> torch.Tensor:
-        """The patch features a mask is decoded from: the volume's, or for a study those of scan `seg_scan_index`.
+        """What the seg head reads besides the prompt state, for the scan masks are decoded on: the LLM encoder's
+        patch features (`VoxSegHead`) or the volume itself (`SegVolHead`, which runs its own ViT).
 
         Args:
-            patch_features (`torch.Tensor` of shape `(B, N, E_vis)` or `(B, S, N, E_vis)`): from [`encode_images`].
+            pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): the model's images.
+            patch_features (`torch.Tensor` of shape `(B, N, E_vis)` or `(B, S, N, E_vis)`, *optional*): from
+                [`encode_images`]; encoded here when a `VoxSegHead` needs them and they are not given.
             scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): `True` for real scans.
             seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): the scan of each study.
 
         Returns:
-            `torch.Tensor` of shape `(B, N, E_vis)`.
+            `torch.Tensor`: `(B, N, E_vis)` patch features or `(B, C, D, H, W)` volumes.
         """
-        if patch_features.dim() == 3:
-            return patch_features
-        batch_size, num_scans = patch_features.shape[:2]
-        index = torch.as_tensor(seg_scan_index, dtype=torch.long, device=patch_features.device).expand(batch_size)
+        if self.seg_head.input_name == "pixel_values":
+            inputs = pixel_values
+        else:
+            inputs = patch_features if patch_features is not None else self.encode_images(pixel_values, scan_mask)[0]
+        if pixel_values.dim() != 6:
+            return inputs
+        batch_size, num_scans = inputs.shape[:2]
+        index = torch.as_tensor(seg_scan_index, dtype=torch.long, device=inputs.device).expand(batch_size)
         if bool(((index < 0) | (index >= num_scans)).any()):
             raise ValueError(f"seg_scan_index {index.tolist()} is outside the studies' {num_scans} scans")
-        rows = torch.arange(batch_size, device=patch_features.device)
-        if scan_mask is not None and not bool(scan_mask.to(patch_features.device, torch.bool)[rows, index].all()):
+        rows = torch.arange(batch_size, device=inputs.device)
+        if scan_mask is not None and not bool(scan_mask.to(inputs.device, torch.bool)[rows, index].all()):
             raise ValueError(f"seg_scan_index {index.tolist()} points at a padded scan (scan_mask is False there)")
-        return patch_features[rows, index]  # (B, S, N, E_vis) -> (B, N, E_vis)
+        return inputs[rows, index]  # (B, S, ...) -> (B, ...)
+
+    def seg_prompt_positions(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Where the hidden states that prompt the seg head are: each `[SEG]`, or the token before each
+        (`seg_config.prompt_token`).
+
+        Note: M3D-LaMed takes the token before `[SEG]` (`input_ids[:, 1:] == seg_token_id`, padded by one at the end,
+        in lamed_llama.py and lamed_phi3.py): the state that predicted `[SEG]`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): ids aligned with the hidden states.
+
+        Returns:
+            `torch.BoolTensor` of shape `(B, L)`.
+        """
+        seg_tokens = input_ids == self.config.seg_token_id  # (B, L)
+        if self.config.seg_config.prompt_token == "seg":
+            return seg_tokens
+        return F.pad(seg_tokens[:, 1:], (0, 1), value=False)  # (B, L - 1) -> (B, L)
 
     def forward_seg(
         self,
         last_hidden_state: torch.Tensor,
-        input_ids: torch.LongTensor,
-        patch_features: torch.Tensor,
+        prompt_positions: torch.Tensor,
+        seg_inputs: torch.Tensor,
         sample_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Mask logits for the samples that hold `[SEG]`.
+        """Mask logits for the samples that hold a prompt position.
 
         Args:
             last_hidden_state (`torch.Tensor` of shape `(B, L, E_llm)`): the LM's last hidden states.
-            input_ids (`torch.LongTensor` of shape `(B, L)`): ids aligned with them.
-            patch_features (`torch.Tensor` of shape `(B, N, E_vis)`): VoxViT patch features.
+            prompt_positions (`torch.BoolTensor` of shape `(B, L)`): where the prompting states are
+                ([`seg_prompt_positions`]); several in a sample are averaged, as M3D does.
+            seg_inputs (`torch.Tensor`): what the seg head reads ([`seg_head_inputs`]), `(B, ...)`.
             sample_mask (`torch.BoolTensor` of shape `(B,)`, *optional*): restricts to these samples.
 
         Returns:
             `(seg_logits (B_seg, 1, D, H, W), sample_indices (B_seg,))`.
         """
-        seg_tokens = input_ids == self.config.seg_token_id  # (B, L)
-        counts = seg_tokens.sum(dim=1)  # (B,)
+        prompt_positions = prompt_positions.to(last_hidden_state.device)
+        counts = prompt_positions.sum(dim=1)  # (B,)
         selected = counts > 0 if sample_mask is None else (counts > 0) & sample_mask.to(counts.device)
         sample_indices = selected.nonzero().flatten()
-        # The mean over several [SEG] tokens of a sample, as M3D does, without a per-sample loop.
-        summed = (last_hidden_state * seg_tokens[..., None].to(last_hidden_state.dtype)).sum(dim=1)  # (B, E_llm)
+        # The mean over several prompt positions of a sample, without a per-sample loop.
+        weights = prompt_positions[..., None].to(last_hidden_state.dtype)  # (B, L, 1)
+        summed = (last_hidden_state * weights).sum(dim=1)  # (B, E_llm)
         seg_hidden = summed[sample_indices] / counts[sample_indices, None].to(summed.dtype)  # (B_seg, E_llm)
-        seg_logits = self.seg_head(seg_hidden, patch_features[sample_indices].to(seg_hidden.dtype))
-        return seg_logits, sample_indices
+        seg_inputs = seg_inputs[sample_indices.to(seg_inputs.device)].to(seg_hidden.device, seg_hidden.dtype)
+        return self.seg_head(seg_hidden, seg_inputs), sample_indices
 
     def compute_loss(
         self,
@@ -637,9 +688,9 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         )
         seg_logits = sample_indices = seg_targets = None
         if wants_seg:
-            seg_features = self.select_seg_scan(patch_features, scan_mask, seg_scan_index)  # (B, N, E_vis)
+            seg_inputs = self.seg_head_inputs(pixel_values, patch_features, scan_mask, seg_scan_index)
             seg_logits, sample_indices = self.forward_seg(
-                lm_outputs.hidden_states[-1], input_ids, seg_features, has_mask
+                lm_outputs.hidden_states[-1], self.seg_prompt_positions(input_ids), seg_inputs, has_mask
             )
             seg_targets = seg_masks[sample_indices.to(seg_masks.device)].to(seg_logits.device)
         losses = {}
@@ -659,19 +710,28 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         )
 
     @torch.no_grad()
-    def predict_masks(
+    def masks_from_generation(
         self,
-        sequences: torch.LongTensor,
+        output,
         pixel_values: torch.Tensor,
         prompt_length: int,
         prompt_attention_mask: torch.Tensor | None = None,
         scan_mask: torch.Tensor | None = None,
         seg_scan_index=0,
     ) -> list[torch.Tensor | None]:
-        """Mask logits for generated sequences: one forward over prompt + answer, then the seg head at `[SEG]`.
+        """Mask logits for generated answers, prompted by the hidden states the generation pass computed.
+
+        Step 0 of generation runs the prompt and step `k >= 1` the new token `k - 1`, so the last-layer state that
+        each step ends with is the one that predicted new token `k`: the prompt state of `prompt_token="previous"`.
+        `[SEG]`'s own state (`"seg"`) is the next step's; for a `[SEG]` that ends the answer, one more LLM step on
+        the kept cache computes it.
+
+        Note: as M3D's `generate` (lamed_llama.py: `output_ids[:, 1:]`), with `prompt_token="previous"` a `[SEG]`
+        written as the very first new token prompts no mask.
 
         Args:
-            sequences (`torch.LongTensor` of shape `(B, L_prompt + L_new)`): output of `generate`.
+            output (`GenerateDecoderOnlyOutput`): of `generate(..., output_hidden_states=True,
+                return_dict_in_generate=True)`.
             pixel_values (`torch.Tensor` of shape `(B, C, D, H, W)` or `(B, S, C, D, H, W)`): the prompts' images.
             prompt_length (`int`): `L_prompt`; only `[SEG]` tokens after it count.
             prompt_attention_mask (`torch.Tensor` of shape `(B, L_prompt)`, *optional*): the prompts' padding mask.
@@ -681,29 +741,50 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         Returns:
             `list`: per sample, `(1, D, H, W)` mask logits, or `None` when its answer holds no `[SEG]`.
         """
-        attention_mask = torch.ones_like(sequences)
-        if prompt_attention_mask is not None:
-            attention_mask[:, :prompt_length] = prompt_attention_mask
-        # Only [SEG] tokens the model wrote count, not ones the prompt may quote.
-        generated_ids = sequences.clone()
-        generated_ids[:, :prompt_length] = -1
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        inputs_embeds, patch_features, _ = self.embed_inputs(sequences, pixel_values, scan_mask)
-        last_hidden_state = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-            return_dict=True,
-        ).hidden_states[-1]
-        masks: list[torch.Tensor | None] = [None] * sequences.shape[0]
-        if (generated_ids == self.config.seg_token_id).any():
-            seg_features = self.select_seg_scan(patch_features, scan_mask, seg_scan_index)  # (B, N, E_vis)
-            seg_logits, sample_indices = self.forward_seg(last_hidden_state, generated_ids, seg_features)
+        new_ids = output.sequences[:, prompt_length:]  # (B, T)
+        predicting = torch.cat([step[-1][:, -1:] for step in output.hidden_states], dim=1)  # (B, T, E_llm)
+        seg_tokens = new_ids == self.config.seg_token_id  # (B, T)
+        if self.config.seg_config.prompt_token == "previous":
+            states, positions = predicting, F.pad(seg_tokens[:, 1:], (1, 0), value=False)
+        else:
+            final = torch.zeros_like(predicting[:, :1])
+            if bool(seg_tokens[:, -1].any()):
+                final = self.final_token_state(output, prompt_length, prompt_attention_mask)[:, None]
+            states, positions = torch.cat([predicting[:, 1:], final], dim=1), seg_tokens  # (B, T, E_llm)
+        masks: list[torch.Tensor | None] = [None] * new_ids.shape[0]
+        if bool(positions.any()):
+            seg_inputs = self.seg_head_inputs(pixel_values, None, scan_mask, seg_scan_index)
+            seg_logits, sample_indices = self.forward_seg(states, positions, seg_inputs)
             for logits, index in zip(seg_logits, sample_indices.tolist()):
                 masks[index] = logits
         return masks
+
+    def final_token_state(
+        self, output, prompt_length: int, prompt_attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The last-layer state `(B, E_llm)` at each sequence's last token, which generation samples but never runs:
+        one LLM step on the cache that `generate` returns (named `cache` from transformers 5.24 on, before
+        `past_key_values`)."""
+        sequences = output.sequences
+        cache_name = "cache" if "cache" in output.__dataclass_fields__ else "past_key_values"
+        if getattr(output, cache_name) is None:
+            raise ValueError(
+                "The answer ends with [SEG], whose own hidden state (seg_config.prompt_token='seg') needs one more "
+                "step on generation's cache: generate with use_cache=True"
+            )
+        attention_mask = torch.ones_like(sequences)
+        if prompt_attention_mask is not None:
+            attention_mask[:, :prompt_length] = prompt_attention_mask
+        position_ids = attention_mask.sum(dim=1, keepdim=True) - 1  # (B, 1), as generate counts positions
+        return self.language_model(
+            input_ids=sequences[:, -1:],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            output_hidden_states=True,
+            return_dict=True,
+            **{cache_name: getattr(output, cache_name)},
+        ).hidden_states[-1][:, -1]
 
     @torch.no_grad()
     def generate(
@@ -724,7 +805,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             `(B, S, C, D, H, W)` for studies), attention_mask (`torch.Tensor` of shape `(B, L)`): as built by
             `VoxLMProcessor`.
             return_masks (`bool`, defaults to `False`): return a [`VoxLMGenerateOutput`] whose `masks` hold, per sample,
-                mask logits `(1, D, H, W)` when the answer holds `[SEG]`.
+                mask logits `(1, D, H, W)` when the answer holds `[SEG]`, prompted by hidden states of this
+                generation pass ([`masks_from_generation`]).
             scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` for real scans.
             seg_scan_index (`int` or `torch.LongTensor` of shape `(B,)`, defaults to 0): for studies, the scan the
                 masks are decoded on.
@@ -735,10 +817,10 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
             return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
         if self.seg_head is None:
             raise ValueError("return_masks=True needs a model with a segmentation head (config.seg_config)")
-        kwargs["return_dict_in_generate"] = True
+        kwargs.update(return_dict_in_generate=True, output_hidden_states=True)
         output = super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-        masks = self.predict_masks(
-            output.sequences, pixel_values, input_ids.shape[1], attention_mask, scan_mask, seg_scan_index
+        masks = self.masks_from_generation(
+            output, pixel_values, input_ids.shape[1], attention_mask, scan_mask, seg_scan_index
         )
         return VoxLMGenerateOutput(sequences=output.sequences, masks=masks)
 

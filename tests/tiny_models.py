@@ -123,3 +123,17 @@ def save_demo_voxclip(folder, minilm_dir, seed: int = 0) -> None:
     model.save_pretrained(folder)
     processor = VoxCLIPProcessor(VoxVolumeProcessor(image_size=DEMO_IMAGE_SIZE), AutoTokenizer.from_pretrained(minilm_dir))
     processor.save_pretrained(folder)
+
+
+def tiny_segvol_config(**overrides) -> dict:
+    """A tiny SegVol head (`seg_config`) over the tiny volume: its own one-layer ViT of the tiny width."""
+    settings = dict(
+        head_type="segvol",
+        prompt_token="previous",
+        hidden_size=32,
+        num_attention_heads=8,
+        intermediate_size=64,
+        image_encoder_config=tiny_vision_config(num_hidden_layers=1).to_dict(),
+    )
+    settings.update(overrides)
+    return settings
