@@ -3,7 +3,7 @@ hidden state, save/load, and config validation. Equality with M3D's own SegVol i
 
 import pytest
 import torch
-from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, VOCAB_SIZE, tiny_segvol_config, tiny_voxlm_config
+from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, tiny_segvol_config, tiny_voxlm_config
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
