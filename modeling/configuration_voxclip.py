@@ -35,6 +35,8 @@ class VoxCLIPConfig(VoxConfig):
         text_config (`PretrainedConfig` or `dict`, *optional*): a BERT-like encoder config (needs `model_type`);
             defaults to BERT-base.
         projection_dim (`int`, *optional*, defaults to 512): width of the shared embedding space.
+        projection_bias (`bool`, *optional*, defaults to `False`): a bias on `visual_projection` and
+            `text_projection` (CLIP has none; M3D-CLIP's `mm_vision_proj` / `mm_language_proj` have one).
         logit_scale_init_value (`float`, *optional*, defaults to log(1/0.07)): initial log temperature (CLIP).
         text_pooling (`str`, *optional*, defaults to `"cls"`): `"cls"` (M3D-CLIP's BERT CLS) or `"mean"` (mean over
             tokens, as sentence encoders such as MiniLM are trained).
@@ -74,6 +76,7 @@ class VoxCLIPConfig(VoxConfig):
         vision_config=None,
         text_config=None,
         projection_dim: int = 512,
+        projection_bias: bool = False,
         logit_scale_init_value: float = math.log(1 / 0.07),
         text_pooling: str = "cls",
         contrastive_loss: str = "infonce",
@@ -98,6 +101,7 @@ class VoxCLIPConfig(VoxConfig):
         self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
         self.text_config = auto_text_config(text_config, "bert", "'bert'")
         self.projection_dim = projection_dim
+        self.projection_bias = projection_bias
         self.logit_scale_init_value = logit_scale_init_value
         self.text_pooling = text_pooling
         self.contrastive_loss = contrastive_loss

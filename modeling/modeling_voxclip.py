@@ -421,8 +421,9 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         super().__init__(config)
         self.vision_model = VoxViTModel(config.vision_config)
         self.text_model = AutoModel.from_config(config.text_config, add_pooling_layer=False)
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        bias = config.projection_bias
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=bias)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=bias)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0 if config.contrastive_loss == "siglip" else 0.0))
         self.volume_decoder = VoxCLIPVolumeDecoder(config) if config.builds_volume_decoder else None
