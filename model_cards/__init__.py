@@ -105,12 +105,23 @@ def preprocessing_summary(volume_processor) -> str:
     window = f"the {window!r} Hounsfield window" if isinstance(window, str) else f"a Hounsfield window of {window}"
     crop = ", foreground crop" if volume_processor.crop_foreground else ""
     low, high = volume_processor.percentiles
-    return (f"reorientation to RAS (depth first); the modality is the caller's `modality=`, else the file's DICOM "
-            f"Modality tag, else {volume_processor.modality!r}, except that a volume without air (at most "
-            f"{CT_MIN_AIR_SHARE:.1%} of its voxels below {CT_AIR_BELOW:g}) cannot be CT in Hounsfield units and is "
-            f"normalised as {NOT_CT_MODALITY}, with a warning; CT: {window}; other modalities: percentiles "
-            f"{low:g}-{high:g}; scaled to [0, 1]{crop}; trilinear resize to {list(volume_processor.image_size)} "
-            "(D, H, W)")
+    normalization = volume_processor.intensity_normalization
+    if normalization == "window":
+        intensity = (f"the modality is the caller's `modality=`, else the file's DICOM Modality tag, else "
+                     f"{volume_processor.modality!r}, except that a volume without air (at most "
+                     f"{CT_MIN_AIR_SHARE:.1%} of its voxels below {CT_AIR_BELOW:g}) cannot be CT in Hounsfield units "
+                     f"and is normalised as {NOT_CT_MODALITY}, with a warning; CT: {window}; other modalities: "
+                     f"percentiles {low:g}-{high:g}")
+    else:
+        intensity = "intensity range: " + {
+            "minmax": "the volume's minimum to maximum",
+            "percentiles": f"the volume's percentiles {low:g}-{high:g}",
+            "foreground_percentiles": f"percentiles {low:g}-{high:g} of the voxels above the volume's mean",
+        }[normalization] + ", whatever the modality"
+    masks = "" if volume_processor.mask_resample_mode == "nearest-exact" else (
+        f" (masks: {volume_processor.mask_resample_mode!r} resize)")
+    return (f"reorientation to RAS (depth first); {intensity}; scaled to [0, 1]{crop}; trilinear resize to "
+            f"{list(volume_processor.image_size)} (D, H, W){masks}")
 
 
 def memory_summary(model, trainable_only: bool = False) -> str:

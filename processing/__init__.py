@@ -5,6 +5,7 @@ from .image_processing_voxlm import (
     VolumeMetadata,
     VoxVolumeProcessor,
     is_ct,
+    m3d_volume_processor,
     pad_studies,
     resize_volume,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "add_voxlm_tokens",
     "format_box",
     "is_ct",
+    "m3d_volume_processor",
     "pad_studies",
     "parse_boxes",
     "read_study",

@@ -3,9 +3,12 @@
 Steps, each recorded in `preprocessor_config.json`:
 
     read (any format) -> canonical orientation (RAS, depth first) -> modality (the caller's, the DICOM tag, the
-    processor's; `choose_modality`) -> intensity: CT Hounsfield window / other modalities percentile window -> scale
-    to [0, 1] -> crop the foreground (voxels above the window's low end) -> resize to `image_size` (trilinear; masks
-    nearest) -> (1, D, H, W) float32
+    processor's; `choose_modality`) -> intensity range (`intensity_normalization`: by default a CT Hounsfield window /
+    other modalities a percentile window; or the volume's min and max, or percentiles for every modality, as M3D's
+    data scripts do) -> scale to [0, 1] -> crop the foreground (voxels above the range's low end) -> resize to
+    `image_size` (trilinear; masks `mask_resample_mode`) -> (1, D, H, W) float32
+
+`m3d_volume_processor` builds the settings that reproduce the volumes M3D-LaMed was trained on.
 
 The modality is never guessed silently: each volume's `VolumeMetadata` records the one used and why, and a volume
 that cannot be CT in Hounsfield units (no air: hardly a voxel below -200, where air is -1000 HU) is not put through
@@ -51,6 +54,11 @@ CT_AIR_BELOW = -200.0
 CT_MIN_AIR_SHARE = 1e-3
 # What a volume that cannot be CT is normalised as: the percentile window of every modality other than CT.
 NOT_CT_MODALITY = "MR"
+# `intensity_normalization`: how the intensity range mapped to [0, 1] is chosen (`VoxVolumeProcessor.intensity_range`).
+INTENSITY_NORMALIZATIONS = ("window", "minmax", "percentiles", "foreground_percentiles")
+# `mask_resample_mode`: "nearest-exact" samples voxel centres; "nearest" is torch's and MONAI's legacy nearest (what
+# M3D's `Resized(mode="nearest")` gave its masks), which shifts them by up to a voxel towards the origin.
+MASK_RESAMPLE_MODES = ("nearest-exact", "nearest")
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +128,25 @@ class VoxVolumeProcessor(BaseImageProcessor):
             Modality tag (`choose_modality`).
         ct_window (`str` or `tuple[float, float]`, *optional*, defaults to `"brain"`): a preset name from
             `CT_WINDOWS` (brain, subdural, stroke, soft_tissue, lung, bone) or a `(low, high)` range in HU.
-        percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`): intensity window of non-CT volumes.
-        crop_foreground (`bool`, *optional*, defaults to `True`): crop to the box of voxels above the window's low end.
+        percentiles (`tuple[float, float]`, *optional*, defaults to `(0.5, 99.5)`): intensity window of non-CT volumes
+            (of every volume with `intensity_normalization="percentiles"`, and of the voxels above the volume's mean
+            with `"foreground_percentiles"`).
+        crop_foreground (`bool`, *optional*, defaults to `True`): crop to the box of voxels above the intensity
+            range's low end (MONAI's `CropForeground` after scaling: voxels above 0).
         max_voxels (`int`, *optional*): refuse volumes whose header claims more voxels (checked before reading them).
         nan_policy (`str`, *optional*, defaults to `"error"`): `"error"` or `"zero"` for NaN / Inf voxels.
+        intensity_normalization (`str`, *optional*, defaults to `"window"`): the intensity range mapped to [0, 1]
+            (values outside it are clipped), as [`intensity_range`] computes it:
+            - `"window"`: per modality, CT through `ct_window`, any other through `percentiles` (`choose_modality`);
+            - `"minmax"`: the volume's minimum and maximum, whatever the modality (M3D-Cap and M3D-VQA,
+              `Data/process/m3d_cap_data_prepare.py`);
+            - `"percentiles"`: `percentiles` of the volume, whatever the modality (MONAI's
+              `ScaleIntensityRangePercentiles`; M3D-RefSeg, `m3d_refseg_data_prepare.py`);
+            - `"foreground_percentiles"`: `percentiles` of the voxels above the volume's mean, whatever the modality
+              (M3D-Seg: `m3d_seg_data_preprocess.py` `normalize`, then the min-max of `m3d_seg_data_prepare.py`).
+        mask_resample_mode (`str`, *optional*, defaults to `"nearest-exact"`): how masks are resized to `image_size`:
+            `"nearest-exact"` (voxel centres) or `"nearest"` (torch's legacy nearest, MONAI's `Resize(mode="nearest")`,
+            what M3D's data scripts gave its training masks).
     """
 
     model_input_names = ["pixel_values"]
@@ -137,9 +160,18 @@ class VoxVolumeProcessor(BaseImageProcessor):
         crop_foreground: bool = True,
         max_voxels: int = DEFAULT_MAX_VOXELS,
         nan_policy: str = "error",
+        intensity_normalization: str = "window",
+        mask_resample_mode: str = "nearest-exact",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if intensity_normalization not in INTENSITY_NORMALIZATIONS:
+            raise ValueError(f"`intensity_normalization` must be one of {INTENSITY_NORMALIZATIONS}, got "
+                             f"{intensity_normalization!r}")
+        if mask_resample_mode not in MASK_RESAMPLE_MODES:
+            raise ValueError(f"`mask_resample_mode` must be one of {MASK_RESAMPLE_MODES}, got {mask_resample_mode!r}")
+        self.intensity_normalization = intensity_normalization
+        self.mask_resample_mode = mask_resample_mode
         self.image_size = [int(s) for s in image_size]
         if len(self.image_size) != 3 or min(self.image_size) < 1:
             raise ValueError(f"`image_size` must be three positive ints (D, H, W), got {image_size!r}")
@@ -153,7 +185,8 @@ class VoxVolumeProcessor(BaseImageProcessor):
         self.max_voxels = int(max_voxels)
         self.nan_policy = nan_policy
         self.orientation = "RAS, depth first (D, H, W) = (S, A, R)"
-        self.resample = "trilinear (masks: nearest-exact)"
+        # Descriptions, not settings (saved configs carry them, and loading overwrites them from the settings).
+        self.resample = f"trilinear (masks: {mask_resample_mode})"
 
     def window_range(self, modality: str, array: np.ndarray | None = None, window=None) -> tuple[float, float]:
         """The intensity range mapped to [0, 1]: the CT window in HU, or the volume's percentiles."""
@@ -167,10 +200,35 @@ class VoxVolumeProcessor(BaseImageProcessor):
             if not low < high:
                 raise ValueError(f"A CT window needs low < high, got ({low}, {high})")
             return low, high
-        low, high = np.percentile(array, self.percentiles)
+        return self.percentile_range(array)
+
+    def percentile_range(self, values: np.ndarray) -> tuple[float, float]:
+        """The `percentiles` of `values`, refused when they coincide."""
+        low, high = np.percentile(values, self.percentiles)
         if not low < high:
             raise VolumeError("the volume's intensity percentiles coincide; it holds no contrast to scale")
         return float(low), float(high)
+
+    def intensity_range(self, modality: str, array: np.ndarray, window=None) -> tuple[float, float]:
+        """The intensity range that `intensity_normalization` maps to [0, 1] (see the class docstring).
+
+        Args:
+            modality (`str`): the modality the volume is normalised as (only `"window"` uses it).
+            array (`np.ndarray` of shape `(D, H, W)`): the canonical volume.
+            window (`str` or `tuple`, *optional*): overrides `ct_window` (only `"window"` uses it).
+        """
+        if self.intensity_normalization == "window":
+            return self.window_range(modality, array, window)
+        if self.intensity_normalization == "minmax":
+            # Note: M3D divides by max(max - min, 1e-8) (m3d_cap_data_prepare.py); the reader refuses constant
+            # volumes, so the range is never empty here.
+            return float(array.min()), float(array.max())
+        if self.intensity_normalization == "foreground_percentiles":
+            # Note: M3D-Seg clips to these percentiles of the voxels above the mean and z-scores
+            # (m3d_seg_data_preprocess.py `normalize`), then min-maxes (m3d_seg_data_prepare.py): the z-score cancels
+            # out, and the clipped volume's min and max are the two percentiles, so this range reproduces it.
+            array = array[array > array.mean()]
+        return self.percentile_range(array)
 
     def choose_modality(self, volume: Volume, modality: str | None = None) -> tuple[str, str]:
         """The modality a volume is normalised as, and why. In order: the caller's `modality`; the file's DICOM
@@ -231,11 +289,15 @@ class VoxVolumeProcessor(BaseImageProcessor):
             window (`str` or `tuple`, *optional*): overrides `self.ct_window` for this volume.
         """
         volume = read_volume(volume, max_voxels=self.max_voxels, nan_policy=self.nan_policy)
-        modality, reason = self.choose_modality(volume, modality)
-        if window is not None and not is_ct(modality):
+        if self.intensity_normalization == "window":
+            modality, reason = self.choose_modality(volume, modality)
+        else:  # the range ignores the modality: record the one known, without the CT rule's warnings
+            modality, reason = modality or volume.modality or self.modality, (
+                f"recorded only: intensity_normalization={self.intensity_normalization!r} treats every modality alike")
+        if window is not None and not (is_ct(modality) and self.intensity_normalization == "window"):
             logger.warning("%s: the CT window %r is not used: the volume is normalised as %s (%s)", volume.source,
                            window, modality, reason)
-        low, high = self.window_range(modality, volume.array, window)
+        low, high = self.intensity_range(modality, volume.array, window)
         # Cropping before scaling touches fewer voxels; "above low" before scaling is "above 0" after it.
         box = self.foreground_box(volume.array, low)
         cropped = volume.array[box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]]
@@ -265,8 +327,9 @@ class VoxVolumeProcessor(BaseImageProcessor):
             )
         (d0, d1), (h0, h1), (w0, w1) = metadata.crop
         binary = (mask[d0:d1, h0:h1, w0:w1] > 0).astype(np.float32)
-        # "nearest-exact" samples voxel centres; plain "nearest" shifts masks by up to a voxel towards the origin.
-        return resize_volume(binary, self.image_size, mode="nearest-exact")[None]
+        # "nearest-exact" samples voxel centres; plain "nearest" (M3D's) shifts masks by up to a voxel towards the
+        # origin (`MASK_RESAMPLE_MODES`).
+        return resize_volume(binary, self.image_size, mode=self.mask_resample_mode)[None]
 
     def mask_targets(self, masks: list, metadata: list[VolumeMetadata]) -> dict[str, torch.Tensor]:
         """`seg_masks (B, 1, D, H, W)` (zeros where a mask is `None`) and `has_mask (B,)`, one mask per volume."""
@@ -405,5 +468,71 @@ class VoxVolumeProcessor(BaseImageProcessor):
         return features
 
 
-__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "CT_AIR_BELOW", "CT_MIN_AIR_SHARE", "is_ct",
+# M3D's training data, by the script that prepared its volumes: the `intensity_normalization` and `percentiles` that
+# reproduce it (`m3d_volume_processor`).
+M3D_DATASETS = {
+    "cap": {"intensity_normalization": "minmax"},
+    "seg": {"intensity_normalization": "foreground_percentiles", "percentiles": (0.05, 99.95)},
+    "refseg": {"intensity_normalization": "percentiles", "percentiles": (0.5, 99.5)},
+}
+
+
+def m3d_volume_processor(image_size=(32, 256, 256), dataset: str = "cap", **kwargs) -> VoxVolumeProcessor:
+    """A `VoxVolumeProcessor` that prepares volumes as M3D prepared the training data of M3D-LaMed.
+
+    M3D (BAAI-DCAI/M3D@63e72005) preprocessed every volume once, offline, and trained and evaluated on the saved
+    `(1, 32, 256, 256)` arrays; loading adds nothing at evaluation (`LaMed/src/dataset/multi_dataset.py`:
+    `val_transform` is `ToTensor` only) and only random augmentation in training (90-degree rotations in the H-W
+    plane, flips, intensity scale and shift), which a processor must not apply. Per dataset:
+
+    - `"cap"` (M3D-Cap, whose volumes M3D-VQA reuses: captions and VQA, most of the training data),
+      `Data/process/m3d_cap_data_prepare.py`: min-max over the whole volume to [0, 1] (lines 107-108), then MONAI
+      `CropForeground()` (line 23: `select_fn` `x > 0` on the min-maxed volume, margin 0: the box of voxels above the
+      volume's minimum) and `Resize([32, 256, 256], mode="bilinear")` (line 24), which MONAI turns into trilinear
+      interpolation for a 3D volume (`resolves_modes`, in MONAI 1.3.0 as pinned by M3D and in 1.6), with
+      `align_corners=False` and no anti-aliasing: voxlm's volume resize. No Hounsfield window is applied, but the
+      sources were 8-bit PNG/JPEG slices (divided by 255, line 90) that Radiopaedia contributors had already
+      displayed through a window of their choice; a CT in HU put through `"minmax"` spans air to metal, so
+      `m3d_volume_processor(intensity_normalization="window")` (a CT window, then the same crop and resize) may be
+      closer to those images.
+    - `"seg"` (M3D-Seg: segmentation, and the boxes of referring expressions), `m3d_seg_data_preprocess.py`
+      `normalize` (clip to the 0.05th and 99.95th percentiles of the voxels above the mean, z-score) then
+      `m3d_seg_data_prepare.py` (min-max lines 52-53, `CropForegroundd` on the image, `Resized` bilinear / masks
+      nearest, lines 17-19).
+    - `"refseg"` (M3D-RefSeg), `m3d_refseg_data_prepare.py` lines 12-15: `ScaleIntensityRangePercentilesd` (0.5,
+      99.5, clipped to [0, 1]), `CropForegroundd`, `Resized` trilinear / masks nearest.
+
+    Every dataset's masks were resized with MONAI's `"nearest"` (`mask_resample_mode="nearest"`) after the image's
+    crop. Results still map back onto the source grid (`postprocess_mask`, `box_to_canonical`) through the crop box
+    in each volume's metadata.
+
+    Axis order: M3D's arrays are `(C, D, H, W)`, but their axes come from the sources, not from an orientation step.
+    M3D-Cap stacks 2D images in the order of their file numbers (lines 80-103): `(D, H, W)` = (slice number, image
+    row, image column), which for axial slices in radiological display is (the source's slice order, anterior to
+    posterior, patient right to left). voxlm reads volumes as RAS with depth first, `(D, H, W)` = (S, A, R), with
+    indices growing inferior to superior, posterior to anterior, left to right: the same depth axis (up to its
+    direction), and H and W both reversed, a 180-degree rotation in the H-W plane (one M3D's training augmentation
+    `RandRotate90(spatial_axes=(1, 2))` produced). M3D-Seg swaps a NIfTI's (x, y, z) voxel axes to (z, y, x) without
+    reorienting (`m3d_seg_data_preprocess.py` leaves `Orientationd` commented out; `m3d_seg_data_prepare.py` line
+    48), voxlm's order for a file stored in RAS; M3D-RefSeg transposes them to (z, x, y) (line 26), H and W swapped.
+
+    Args:
+        image_size (`tuple[int, int, int]`, *optional*, defaults to `(32, 256, 256)`): output `(D, H, W)` (M3D's
+            `Resize(spatial_size=[32, 256, 256])`).
+        dataset (`str`, *optional*, defaults to `"cap"`): whose preparation to reproduce: `"cap"`, `"seg"` or
+            `"refseg"`.
+        kwargs: other `VoxVolumeProcessor` settings, which win over the dataset's.
+
+    Returns:
+        `VoxVolumeProcessor` with `crop_foreground=True`, `mask_resample_mode="nearest"` and the dataset's
+        `intensity_normalization` (and `percentiles`).
+    """
+    if dataset not in M3D_DATASETS:
+        raise ValueError(f"`dataset` must be one of {sorted(M3D_DATASETS)} (M3D's data scripts), got {dataset!r}")
+    settings = {"crop_foreground": True, "mask_resample_mode": "nearest", **M3D_DATASETS[dataset], **kwargs}
+    return VoxVolumeProcessor(image_size=image_size, **settings)
+
+
+__all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "CT_AIR_BELOW", "CT_MIN_AIR_SHARE",
+           "INTENSITY_NORMALIZATIONS", "M3D_DATASETS", "MASK_RESAMPLE_MODES", "is_ct", "m3d_volume_processor",
            "pad_studies", "resize_volume"]

@@ -1,9 +1,11 @@
 """VoxLMProcessor: a volume processor and a tokenizer that build M3D prompts, training labels, and parse answers.
 
-Prompt: `<im_patch>` x `num_image_tokens`, then the question, inside the tokenizer's chat template (a user turn) when
-it has one; a question without a volume gets no placeholders. Image tokens are real added special tokens that the
-model finds by id (never by position). A study of S series holds `S * num_image_tokens + S - 1` placeholders: the
-model fills them with each series' tokens and a learned separator between series (`VoxLMConfig.num_study_image_tokens`).
+Prompt (`prompt_layout`): `<im_patch>` x `num_image_tokens`, then the question, inside the tokenizer's chat template (a
+user turn) when it has one (`"chat"`), or as M3D-LaMed was trained, BOS, the placeholders, a space and the question,
+with no chat template (`"m3d"`; `"m3d_caption"` without the space); a question without a volume gets no placeholders.
+Image tokens are real added special tokens that the model finds by id (never by position). A study of S series holds
+`S * num_image_tokens + S - 1` placeholders: the model fills them with each series' tokens and a learned separator
+between series (`VoxLMConfig.num_study_image_tokens`).
 
 Conversations (`apply_chat_template`) take transformers' multimodal messages: a content item `{"type": "image"}` (with
 the volume under `path`, `url` or `image`, or given as `images=`) becomes that volume's placeholders, so any LLM's own
@@ -27,6 +29,12 @@ BOX_START_TOKEN = "<bx_start>"
 BOX_END_TOKEN = "<bx_end>"
 SEG_TOKEN = "[SEG]"
 IGNORE_INDEX = -100
+# `prompt_layout` -> what stands between a volume's placeholders and the question. Note: M3D writes
+# "<im_patch>" * 256 + " " + question for VQA, boxes and segmentation (LaMed/src/dataset/multi_dataset.py lines 315,
+# 425, 578, 756, 925, 1054, and Bench/dataset/multi_dataset.py, which Bench/eval/eval_vqa.py and the others tokenize),
+# but "<im_patch>" * 256 + question for captions (multi_dataset.py line 197; Bench's CapDataset) and in its demos
+# (LaMed/src/demo/demo.py line 57). `None`: the chat layout, placeholders and question side by side in a user turn.
+PROMPT_LAYOUT_SEPARATORS = {"chat": None, "m3d": " ", "m3d_caption": ""}
 VOLUME_PROCESSOR_KWARGS = {"modality", "window", "return_metadata"}
 BOX_PATTERN = re.compile(re.escape(BOX_START_TOKEN) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END_TOKEN))
 
@@ -101,6 +109,14 @@ class VoxLMProcessor(ProcessorMixin):
             (`VoxLMConfig.max_study_scans`); larger studies are refused with a `VolumeError`.
         system_prompt (`str`, *optional*): a system turn for chat templates; `None` keeps the template's default.
         chat_template (`str`, *optional*): overrides the tokenizer's chat template.
+        prompt_layout (`str`, *optional*, defaults to `"chat"`): how prompts are written.
+            - `"chat"`: the placeholders and the question in a user turn of the chat template (the tokenizer's, when
+              it has one; without one, the turns one per line, after the tokenizer's special tokens).
+            - `"m3d"`: as M3D-LaMed's released models were trained and evaluated, never in a chat template: the text
+              `"<im_patch>" * num_image_tokens + " " + question`, tokenized with the tokenizer's special tokens and
+              BOS first (added if the tokenizer does not add it: M3D's splice puts the image features right after the
+              first token); a training answer follows as M3D's `question + " " + answer` is tokenized, then EOS.
+            - `"m3d_caption"`: the same without the space, as M3D wrote its caption prompts and its demos.
     """
 
     def __init__(
@@ -112,8 +128,12 @@ class VoxLMProcessor(ProcessorMixin):
         max_study_scans: int = 1,
         system_prompt: str | None = None,
         chat_template=None,
+        prompt_layout: str = "chat",
         **kwargs,
     ):
+        if prompt_layout not in PROMPT_LAYOUT_SEPARATORS:
+            raise ValueError(f"`prompt_layout` must be one of {tuple(PROMPT_LAYOUT_SEPARATORS)}, got {prompt_layout!r}")
+        self.prompt_layout = prompt_layout
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         self.max_study_scans = int(max_study_scans)
@@ -122,6 +142,13 @@ class VoxLMProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; call add_voxlm_tokens(tokenizer) first")
+        if prompt_layout != "chat" and tokenizer.bos_token_id is None:
+            raise ValueError(f"`prompt_layout={prompt_layout!r}` begins prompts with BOS, and the tokenizer has none")
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether prompts are rendered with the tokenizer's chat template (`prompt_layout="chat"` and a template)."""
+        return self.prompt_layout == "chat" and self.tokenizer.chat_template is not None
 
     def save_pretrained(self, save_directory, **kwargs):
         """`ProcessorMixin.save_pretrained`, and the code of [`VoxLMPipeline`] beside it: the pipeline that the
@@ -139,7 +166,10 @@ class VoxLMProcessor(ProcessorMixin):
     def render_messages(self, messages: list[dict], add_generation_prompt: bool = True, chat_template=None) -> str:
         """A conversation whose contents are text -> the prompt: the chat template (the tokenizer's, unless one is
         given; the processor's `system_prompt` goes first when the conversation has no system turn), or for a
-        tokenizer without one (M3D's prompts), the contents of the turns that are not system turns, one per line."""
+        tokenizer without one, the contents of the turns that are not system turns, one per line. The M3D layouts
+        use no template and no system turn: the contents joined by a space, as M3D joins question and answer."""
+        if self.prompt_layout != "chat":
+            return " ".join(message["content"] for message in messages if message["role"] != "system")
         template = chat_template or self.tokenizer.chat_template
         if template is None:
             return "\n".join(message["content"] for message in messages if message["role"] != "system")
@@ -148,16 +178,29 @@ class VoxLMProcessor(ProcessorMixin):
         return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
+    def placeholders(self, count: int) -> str:
+        """`count` image placeholders and what the layout puts between them and the question ("" for none)."""
+        separator = PROMPT_LAYOUT_SEPARATORS[self.prompt_layout] or ""
+        return self.image_token * count + separator if count else ""
+
     def build_prompt(self, question: str, num_image_tokens: int | None = None) -> str:
-        """The text of one prompt: image placeholders (`num_image_tokens`, default one volume's) and the question, in
-        the chat template when there is one."""
+        """The text of one prompt: image placeholders (`num_image_tokens`, default one volume's; a study's
+        `num_study_image_tokens`) and the question, as `prompt_layout` writes them."""
         count = self.num_image_tokens if num_image_tokens is None else num_image_tokens
-        return self.render_messages([{"role": "user", "content": self.image_token * count + question}])
+        return self.render_messages([{"role": "user", "content": self.placeholders(count) + question}])
+
+    def text_ids(self, text: str) -> list[int]:
+        """A rendered text's ids: with a chat template as it stands; otherwise with the tokenizer's special tokens
+        (BOS first, as M3D's prompts begin), and for the M3D layouts BOS added where the tokenizer adds none."""
+        ids = self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if self.prompt_layout != "chat" and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
 
     def prompt_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
-        """A rendered prompt's ids (BOS first when there is no chat template, as M3D's prompts begin), checking that
-        it holds `num_image_tokens` placeholders."""
-        ids = self.tokenizer(prompt, add_special_tokens=self.tokenizer.chat_template is None)["input_ids"]
+        """A rendered prompt's ids (`text_ids`), checking that it holds `num_image_tokens` placeholders."""
+        ids = self.text_ids(prompt)
         count = ids.count(self.image_token_id)
         if count != num_image_tokens:
             raise ValueError(
@@ -211,9 +254,11 @@ class VoxLMProcessor(ProcessorMixin):
             elif item.get("type") == "image":
                 source = next((item[key] for key in ("path", "url", "image") if item.get(key) is not None), None)
                 volumes.append(source.removeprefix("file://") if isinstance(source, str) else source)
-                parts.append(self.image_token * self.num_image_tokens)
+                parts.append(self.placeholders(self.num_image_tokens))
             else:
                 raise ValueError(f"A content item of type {item.get('type')!r}: VoxLM takes 'text' and 'image' items")
+        if parts and content[-1].get("type") == "image":  # no question after the volume: no separator either
+            parts[-1] = self.image_token * self.num_image_tokens
         return "".join(parts)
 
     def conversation_features(self, prompts: list[str], volumes: list, images, return_tensors, kwargs) -> BatchFeature:
@@ -277,12 +322,21 @@ class VoxLMProcessor(ProcessorMixin):
             if not isinstance(text, str) and not (name == "answer" and text is None):
                 raise ValueError(f"the {name} must be text, got {type(text).__name__}")
         expected = self.num_image_tokens if num_image_tokens is None else num_image_tokens
-        prompt_ids = self.prompt_ids(self.build_prompt(question, expected), expected)
+        prompt = self.build_prompt(question, expected)
+        prompt_ids = self.prompt_ids(prompt, expected)
         if max_length is not None and len(prompt_ids) > max_length:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens, more than max_length={max_length}")
         if answer is None:
             return prompt_ids, [IGNORE_INDEX] * len(prompt_ids), False
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        if self.prompt_layout == "chat":
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        else:
+            # Note: M3D tokenizes `question + " " + answer` as one text, labels all but the question's length of it
+            # and appends EOS (LaMed/src/dataset/multi_dataset.py lines 316-333), so the answer is tokenized after a
+            # space.
+            sample_ids = self.text_ids(prompt + " " + answer)
+            prompt_ids, answer_ids = sample_ids[: len(prompt_ids)], sample_ids[len(prompt_ids) :]
+        answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         room = None if max_length is None else max_length - len(prompt_ids)
         truncated = room is not None and len(answer_ids) > room
         if truncated:
