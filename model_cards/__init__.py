@@ -55,8 +55,10 @@ def add_results_to_card(folder: str | Path, records: list[dict]) -> Path:
 def _render(template: str, model_name: str, results: list[dict], card_data: dict, fields: dict) -> ModelCard:
     """Fill a template; `results` become `model-index` entries and the Markdown table."""
     eval_results = [eval_result(r) for r in results]
-    data = ModelCardData(language="en", license="apache-2.0", model_name=model_name,
-                         eval_results=eval_results or None, **card_data)
+    # A converted checkpoint keeps its source's license, which `license="other"` and `license_name` say.
+    license_fields = {key: fields.pop(key) for key in ("license", "license_name") if key in fields}
+    data = ModelCardData(language="en", model_name=model_name, eval_results=eval_results or None,
+                         **{"license": "apache-2.0", **license_fields}, **card_data)
     table = results_table(results, fields.get("repo_or_path", "PATH"))
     return ModelCard.from_template(data, template_path=str(TEMPLATES / template), model_name=model_name,
                                    results_table=table, **fields)
@@ -69,7 +71,7 @@ def render_voxlm_card(model_name: str, results: list[dict], **fields) -> ModelCa
         model_name (`str`): the card title and `model-index` name.
         results (`list[dict]`): measured results (see `results_table`).
         **fields: `vision_source`, `llm_source`, `data_source`, `stages`, `limits`, `preprocessing`, `memory`,
-            `repo_or_path`, `base_model`.
+            `repo_or_path`, `base_model`, and optionally `license` / `license_name` (default: apache-2.0).
     """
     card_data = dict(library_name="transformers", pipeline_tag="image-text-to-text", tags=[*TAGS, "m3d-lamed"],
                      base_model=fields.pop("base_model", None))
@@ -81,7 +83,7 @@ def render_voxclip_card(model_name: str, results: list[dict], **fields) -> Model
 
     Args:
         **fields: `vision_source`, `text_source`, `data_source`, `stages`, `objectives`, `limits`, `preprocessing`,
-            `memory`, `repo_or_path`, `base_model`.
+            `memory`, `repo_or_path`, `base_model`, and optionally `license` / `license_name` (default: apache-2.0).
     """
     card_data = dict(library_name="transformers", pipeline_tag="zero-shot-image-classification",
                      tags=[*TAGS, "clip", "retrieval"], base_model=fields.pop("base_model", None))

@@ -1,4 +1,5 @@
-"""Convert a released M3D-CLIP folder (Hub `GoodBaiBai88/M3D-CLIP`, `model_type` `m3d_clip`) into a VoxCLIP folder.
+"""Convert a released M3D-CLIP checkpoint (Hub `GoodBaiBai88/M3D-CLIP`, `model_type` `m3d_clip`) into VoxCLIP weights
+and config (the folder with its processor and card: `voxlm.conversion.convert_m3d_clip`).
 
 M3D-CLIP (`LaMed/src/model/CLIP.py` of BAAI-DCAI/M3D) is a MONAI `ViT` with a CLS token (`vision_encoder.*`), a
 `BertModel` (`language_encoder.*`), two hidden -> hidden Linear projections with bias (`mm_vision_proj.*`,
@@ -26,7 +27,7 @@ import torch
 
 from .configuration_voxclip import VoxCLIPConfig
 from .configuration_voxvit import VoxViTConfig
-from .convert_m3d import convert_monai_vit_state_dict, load_state_dict_file
+from .convert_m3d import SINGLE_FILES, checkpoint_files, convert_monai_vit_state_dict, load_state_dict_file
 from .modeling_voxclip import VoxCLIPModel
 
 M3D_CLIP_HUB_ID = "GoodBaiBai88/M3D-CLIP"
@@ -39,9 +40,9 @@ M3D_CLIP_MAX_LENGTH = 512
 M3D_CLIP_DEFAULTS = dict(in_channels=1, img_size=(32, 256, 256), patch_size=(4, 16, 16), hidden_size=768,
                          mlp_dim=3072, num_layers=12, num_heads=12, pos_embed="perceptron", dropout_rate=0.0,
                          spatial_dims=3)
-# Released weight files, in the order they are looked for: `save_pretrained`'s, then train_CLIP.py's `torch.save`.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "model_params.bin")
+# Unsharded weight files of a release, in the order they are looked for (after the sharded indexes):
+# `save_pretrained`'s, then train_CLIP.py's `torch.save`.
+WEIGHT_FILES = (*SINGLE_FILES, "model_params.bin")
 # M3D-CLIP prefix -> VoxCLIP prefix, for everything but the ViT (which `convert_monai_vit_state_dict` maps).
 RENAMES = {"language_encoder.": "text_model.", "mm_vision_proj.": "visual_projection.",
            "mm_language_proj.": "text_projection."}
@@ -65,18 +66,10 @@ def load_m3d_clip_folder(source_folder: str | Path) -> tuple[dict, dict[str, tor
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "m3d_clip":
         raise ValueError(f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'm3d_clip'")
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(load_state_dict_file(folder / shard))
-            return config, state_dict
-        return config, load_state_dict_file(path)
-    raise FileNotFoundError(f"{folder}: no weights; looked for {', '.join(WEIGHT_FILES)}")
+    state_dict = {}
+    for file in checkpoint_files(folder, WEIGHT_FILES):
+        state_dict.update(load_state_dict_file(file))
+    return config, state_dict
 
 
 def bert_config_from_weights(state_dict: dict[str, torch.Tensor], prefix: str = "language_encoder.") -> dict:
@@ -236,94 +229,7 @@ def load_converted(model: VoxCLIPModel, converted: dict[str, torch.Tensor]) -> N
     model.load_state_dict(converted, strict=True)
 
 
-def m3d_volume_processor(image_size):
-    """The volume processor of converted M3D-CLIPs: `VoxVolumeProcessor`'s defaults at M3D's `image_size`.
-
-    Whether those reproduce M3D's preprocessing is not checked yet; change it here, in one place.
-
-    Args:
-        image_size (`tuple[int, int, int]`): M3D's `img_size` `(D, H, W)`.
-    """
-    from voxlm.processing import VoxVolumeProcessor
-
-    return VoxVolumeProcessor(image_size=image_size)
-
-
-def m3d_clip_card(model: VoxCLIPModel, processor, source: str, output: Path, source_id: str | None):
-    """The model card of a converted M3D-CLIP: lineage names the source folder (and Hub id), nothing is measured."""
-    from voxlm.model_cards import memory_summary, preprocessing_summary, render_voxclip_card
-
-    vision, text = model.config.vision_config, model.config.text_config
-    origin = f"`{source}`" + (f" (`{source_id}`)" if source_id else "")
-    return render_voxclip_card(
-        f"voxclip-{output.name}", [], base_model=source_id,
-        vision_source=f"M3D-CLIP's MONAI ViT (`vision_encoder.*`: {vision.hidden_size} wide, "
-        f"{vision.num_hidden_layers} layers, patches {list(vision.patch_size)}, CLS token), from {origin}",
-        text_source=f"M3D-CLIP's BERT (`language_encoder.*`: {text.hidden_size} wide, {text.num_hidden_layers} "
-        f"layers, {text.num_attention_heads} heads; its pooler, which M3D-CLIP does not use, dropped), from {origin}",
-        data_source="the source's (M3D-CLIP: M3D-Cap); the conversion trains nothing",
-        stages=f"converted by `voxlm.modeling.convert_m3d_clip` from {origin}; embeddings checked against "
-        f"LaMed/src/model/CLIP.py of BAAI-DCAI/M3D {M3D_COMMIT[:8]} on a tiny model",
-        objectives="infonce contrastive (M3D-CLIP's symmetric cross-entropy; M3D scales the cosines by `logit_scale`, "
-        "VoxCLIP by `exp(logit_scale)`, so the converted `logit_scale` is the log of M3D's)",
-        limits=f"Reports are truncated at {processor.max_length} tokens (M3D's `max_length`); M3D's own loader keeps "
-        "randomly chosen whole sentences of longer ones instead. Whether the volume processor reproduces M3D's "
-        "preprocessing is not checked yet.",
-        preprocessing=preprocessing_summary(processor.image_processor), memory=memory_summary(model),
-        repo_or_path=str(output),
-    )
-
-
-def convert_m3d_clip(
-    source_folder: str | Path,
-    output_folder: str | Path,
-    overrides: dict | None = None,
-    *,
-    source_id: str | None = M3D_CLIP_HUB_ID,
-) -> Path:
-    """Convert a released M3D-CLIP folder into a VoxCLIP folder (model, `VoxCLIPProcessor`, model card) that loads
-    with `AutoModel.from_pretrained` / `AutoProcessor.from_pretrained`.
-
-    Args:
-        source_folder (`str` or `Path`): the M3D-CLIP folder (`config.json`, weights, BERT tokenizer files).
-        output_folder (`str` or `Path`): where the VoxCLIP folder is written.
-        overrides (`dict`, *optional*): `text_config` / `vision_config` (dicts of config fields, see
-            `m3d_clip_config`) and `max_length` (reports' token limit, default `M3D_CLIP_MAX_LENGTH`).
-        source_id (`str`, *optional*, defaults to `"GoodBaiBai88/M3D-CLIP"`): the Hub id the folder was downloaded
-            from, the card's `base_model`; `None` for a folder that is not on the Hub.
-
-    Returns:
-        `Path`: `output_folder`.
-
-    Raises:
-        `ValueError`: the checkpoint does not match its config (naming the missing, unexpected or wrongly shaped
-        tensors), or the tokenizer's vocabulary does not fit the BERT.
-    """
-    from transformers import BertTokenizer
-
-    from voxlm.processing import VoxCLIPProcessor
-
-    overrides = check_overrides(overrides)
-    m3d_config, state_dict = load_m3d_clip_folder(source_folder)
-    config = m3d_clip_config(m3d_config, state_dict, overrides)
-    converted, skipped = convert_m3d_clip_state_dict(state_dict)
-    model = VoxCLIPModel(config).eval()
-    load_converted(model, converted)
-    tokenizer = BertTokenizer.from_pretrained(source_folder)  # M3D's train_CLIP.py: BertTokenizer
-    if len(tokenizer) > config.text_config.vocab_size:
-        raise ValueError(f"The tokenizer of {source_folder} has {len(tokenizer)} tokens, more than the BERT's "
-                         f"{config.text_config.vocab_size} word embeddings")
-    processor = VoxCLIPProcessor(m3d_volume_processor(config.vision_config.image_size), tokenizer,
-                                 max_length=overrides.get("max_length", M3D_CLIP_MAX_LENGTH))
-    output = Path(output_folder)
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
-    m3d_clip_card(model, processor, str(source_folder), output, source_id).save(output / "README.md")
-    logger.info("M3D-CLIP tensors without a VoxCLIP counterpart, not converted: %s", ", ".join(skipped) or "none")
-    return output
-
-
 __all__ = [
-    "M3D_CLIP_MAX_LENGTH", "bert_config_from_weights", "convert_m3d_clip", "convert_m3d_clip_state_dict",
-    "load_m3d_clip_folder", "m3d_clip_config", "m3d_volume_processor",
+    "M3D_CLIP_MAX_LENGTH", "bert_config_from_weights", "convert_m3d_clip_state_dict", "load_converted",
+    "load_m3d_clip_folder", "m3d_clip_config",
 ]

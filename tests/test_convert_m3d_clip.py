@@ -14,12 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
 from voxlm.modeling import VoxCLIPModel
-from voxlm.modeling.convert_m3d_clip import (
-    M3D_COMMIT,
-    bert_config_from_weights,
-    convert_m3d_clip,
-    convert_m3d_clip_state_dict,
-)
+from voxlm.conversion import convert_m3d_clip
+from voxlm.modeling.convert_m3d_clip import M3D_COMMIT, bert_config_from_weights, convert_m3d_clip_state_dict
 from voxlm.processing import VoxCLIPProcessor
 
 FIXTURES = Path(__file__).parent / "m3d_lamed"
@@ -64,7 +60,7 @@ def test_folder_loads_with_the_auto_classes_and_its_card_names_the_source(conver
     assert config.text_config.model_type == "bert" and config.text_config.num_attention_heads == 4
     assert processor.max_length == 512 and processor.image_processor.image_size == [8, 16, 16]
     card = (folder / "README.md").read_text()
-    assert "base_model: GoodBaiBai88/M3D-CLIP" in card and str(SOURCE) in card
+    assert "license: other" in card and str(SOURCE) in card and "base_model" not in card  # a local source
 
 
 def test_embeddings_are_m3d_clips_encode_cls_rows(converted, reference):
@@ -119,7 +115,7 @@ def test_only_tensors_without_a_counterpart_are_skipped_and_reported(tmp_path, c
         "language_encoder.pooler.dense.bias", "language_encoder.pooler.dense.weight",  # M3D embeds BERT's CLS state
         *(f"vision_encoder.blocks.{i}.norm_cross_attn.{p}" for i in (0, 1) for p in ("bias", "weight")),  # MONAI's
     ]
-    with caplog.at_level(logging.INFO, logger="voxlm.modeling.convert_m3d_clip"):
+    with caplog.at_level(logging.INFO, logger="voxlm.conversion.m3d"):
         convert_m3d_clip(SOURCE, tmp_path / "out", OVERRIDES)
     assert "language_encoder.pooler.dense.weight" in caplog.text
 
