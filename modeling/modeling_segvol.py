@@ -35,15 +35,20 @@ class SegVolImageEncoder(nn.Module):
     weights convert with the VoxViT converter.
 
     Args:
-        config (`VoxViTConfig`): `seg_config.image_encoder_config`.
+        config (`VoxLMConfig`): its `seg_config.image_encoder_config` gives the sizes; its own `_attn_implementation`
+            drives the attention, as it drives the rest of the seg head (transformers sets it on the sub-configs of
+            the sub-models it knows, which the seg head's nested encoder config is not).
     """
 
-    def __init__(self, config):
+    def __init__(self, config: VoxLMConfig):
         super().__init__()
-        self.grid_size = tuple(config.grid_size)
-        self.patch_embedding = VoxViTPatchEmbedding(config)
-        self.blocks = nn.ModuleList([VoxViTBlock(config) for _ in range(config.num_hidden_layers)])
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        encoder = config.seg_config.image_encoder_config
+        self.grid_size = tuple(encoder.grid_size)
+        self.patch_embedding = VoxViTPatchEmbedding(encoder)
+        self.blocks = nn.ModuleList([VoxViTBlock(encoder) for _ in range(encoder.num_hidden_layers)])
+        for block in self.blocks:
+            block.attn.config = config  # read only for `_attn_implementation`, at each call
+        self.norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values (B, C, D, H, W)` -> the image embedding `(B, E, D', H', W')`."""
@@ -243,7 +248,7 @@ class SegVolHead(nn.Module):
             nn.Linear(text_width, seg.hidden_size),
             nn.Dropout(seg.prompt_dropout),
         )
-        self.image_encoder = SegVolImageEncoder(seg.image_encoder_config)
+        self.image_encoder = SegVolImageEncoder(config)
         self.prompt_encoder = SegVolPromptEncoder(seg.hidden_size, seg.image_encoder_config.grid_size)
         self.mask_decoder = SegVolMaskDecoder(config)
 

@@ -37,7 +37,13 @@ from .configuration_voxlm import VoxLMConfig
 from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
 from .modeling_segvol import SegVolHead, SegVolMaskDecoder, SegVolPromptEncoder
-from .modeling_voxvit import VoxViTModel, eager_attention_forward, pool_scan_tokens, write_model_card_if_missing
+from .modeling_voxvit import (
+    VoxViTModel,
+    VoxViTPatchEmbedding,
+    eager_attention_forward,
+    pool_scan_tokens,
+    write_model_card_if_missing,
+)
 
 
 @dataclass
@@ -318,6 +324,9 @@ class VoxLMPreTrainedModel(PreTrainedModel):
             # SAM's tokens are nn.Embedding rows, initialised N(0, 1).
             init.normal_(module.iou_token)
             init.normal_(module.mask_tokens)
+        elif isinstance(module, VoxViTPatchEmbedding) and isinstance(module.position_embeddings, nn.Parameter):
+            # SegVol's ViT (the vision tower, a VoxViTModel, initialises its own), as VoxViTModel does.
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
         elif isinstance(module, SegVolPromptEncoder):
             init.normal_(module.positional_encoding_gaussian_matrix)
             init.normal_(module.no_mask_embedding)

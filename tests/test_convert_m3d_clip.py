@@ -180,3 +180,21 @@ def test_config_that_is_not_a_convertible_m3d_clip_is_refused(tmp_path, change, 
 def test_unknown_override_is_refused():
     with pytest.raises(ValueError, match="projection_dim"):
         convert_m3d_clip(SOURCE, "unused", {"projection_dim": 64})
+
+
+def test_a_hub_id_is_downloaded_and_converted_from_the_command_line(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from voxlm.cli import main
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: asked.append(repo_id) or str(SOURCE))
+    settings = tmp_path / "overrides.json"
+    settings.write_text(json.dumps(OVERRIDES))
+    main(["convert", "m3d-clip", "GoodBaiBai88/M3D-CLIP", str(tmp_path / "out"), "--config", str(settings)])
+    assert asked == ["GoodBaiBai88/M3D-CLIP"]
+    assert "base_model: GoodBaiBai88/M3D-CLIP" in (tmp_path / "out" / "README.md").read_text()
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "out"), VoxCLIPModel)
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main(["convert", "m3d-clip", str(SOURCE), str(tmp_path / "out")])

@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_remote_code import run_without_voxlm
-from transformers import AutoModel, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from tiny_models import ForceAnswer
+from transformers import AutoModel, AutoProcessor, GenerationConfig, LogitsProcessorList
 
 import voxlm  # noqa: F401  (registers the Auto classes)
 from voxlm.cli import main
+from voxlm.data import write_phantom_dataset
 from voxlm.modeling.convert_m3d import M3D_LAMED_CONSTANTS
 from voxlm.modeling.modeling_segvol import SegVolHead
 
@@ -45,18 +47,6 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     for kind in KINDS:
         main(["convert", "m3d-lamed", str(FIXTURES / f"lamed_{kind}"), str(root / kind), "--config", str(constants)])
     return {kind: root / kind for kind in KINDS}
-
-
-class ForceAnswer(LogitsProcessor):
-    """Writes M3D's forced answer, one token per step."""
-
-    def __init__(self, prompt_length: int, answer: list[int]):
-        self.prompt_length, self.answer = prompt_length, answer
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.answer[input_ids.shape[1] - self.prompt_length]] = 0.0
-        return forced
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,6 +122,25 @@ def test_voxlm_predict_answers_with_a_converted_model_and_writes_its_mask(conver
     assert result["answer"].count("[SEG]") == 3 and result["has_seg"] and result["mask_path"] == str(mask_path)
     mask, source = nib.load(mask_path), nib.load(mni_path)
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+
+def test_a_converted_model_fine_tunes_with_lora_and_trains_segvol(converted, tmp_path):
+    from voxlm.training import finetune
+    from voxlm.training.mllm import MLLMSettings
+    from voxlm.training.settings import load_settings, parse_overrides
+
+    write_phantom_dataset(tmp_path / "data", num_cases=4, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
+    settings = load_settings(MLLMSettings, None, parse_overrides([
+        f"init_from={converted['llama']}", f"data.path={tmp_path / 'data'}", "data.tasks={seg: 1.0}",
+        "run.batch_size=2", "run.max_steps=2", "run.tracker=null", "lora.r=4", "lora.alpha=8",
+        f"run.output_dir={tmp_path / 'finetune'}",
+    ]))
+    tuned = AutoModel.from_pretrained(finetune.train(settings) / "model")
+    before = AutoModel.from_pretrained(converted["llama"])
+    changed = {name for name, value in tuned.state_dict().items() if not torch.equal(value, before.state_dict()[name])}
+    assert any(name.startswith("seg_head.mask_decoder.") for name in changed)
+    assert any(name.startswith("language_model.") for name in changed)  # the merged LoRA update
+    assert AutoProcessor.from_pretrained(tmp_path / "finetune" / "final" / "model").prompt_layout == "m3d"
 
 
 def test_a_source_that_is_not_lamed_is_refused_naming_the_field(tmp_path):

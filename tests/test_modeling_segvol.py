@@ -3,8 +3,8 @@ hidden state, save/load, and config validation. Equality with M3D's own SegVol i
 
 import pytest
 import torch
-from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, tiny_segvol_config, tiny_voxlm_config
-from transformers import LogitsProcessor, LogitsProcessorList
+from tiny_models import BOS_TOKEN_ID, IMAGE_TOKEN_ID, SEG_TOKEN_ID, ForceAnswer, tiny_segvol_config, tiny_voxlm_config
+from transformers import LogitsProcessorList
 
 from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
 from voxlm.modeling.modeling_segvol import SegVolHead
@@ -22,18 +22,6 @@ def segvol_model(prompt_token="previous", seed=0) -> VoxLMForConditionalGenerati
 def prompt(model, text_ids) -> torch.LongTensor:
     images = torch.full((1, model.config.num_image_tokens), IMAGE_TOKEN_ID)
     return torch.cat([torch.tensor([[BOS_TOKEN_ID]]), images, torch.tensor([text_ids])], dim=1)
-
-
-class ForceAnswer(LogitsProcessor):
-    """Writes a fixed answer, one token per step, whatever the model would."""
-
-    def __init__(self, prompt_length: int, answer: list[int]):
-        self.prompt_length, self.answer = prompt_length, answer
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.answer[input_ids.shape[1] - self.prompt_length]] = 0.0
-        return forced
 
 
 def test_segvol_head_trains_with_the_lm_and_every_part_gets_a_gradient():

@@ -1,5 +1,8 @@
 """Tiny configs shared by the model tests (STYLE.md rule 13): volume (1, 8, 16, 16), patch (2, 4, 4), width 32."""
 
+import torch
+from transformers import LogitsProcessor
+
 from voxlm.modeling import VoxLMConfig, VoxViTConfig
 
 IMAGE_TOKEN_ID, SEG_TOKEN_ID, BOX_START_TOKEN_ID, BOX_END_TOKEN_ID = 4, 5, 6, 7
@@ -137,3 +140,15 @@ def tiny_segvol_config(**overrides) -> dict:
     )
     settings.update(overrides)
     return settings
+
+
+class ForceAnswer(LogitsProcessor):
+    """Writes a fixed answer, one token per step, whatever the model would."""
+
+    def __init__(self, prompt_length: int, answer: list[int]):
+        self.prompt_length, self.answer = prompt_length, answer
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.answer[input_ids.shape[1] - self.prompt_length]] = 0.0
+        return forced
