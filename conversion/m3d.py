@@ -31,6 +31,7 @@ from voxlm.modeling.convert_m3d import (
 )
 from voxlm.modeling.convert_m3d_clip import (
     M3D_CLIP_MAX_LENGTH,
+    M3D_COMMIT,
     check_overrides,
     convert_m3d_clip_state_dict,
     load_converted,
@@ -45,7 +46,6 @@ from .checkpoints import convert_shards, resolve_source
 logger = logging.getLogger(__name__)
 
 M3D_REPOSITORY = "https://github.com/BAAI-DCAI/M3D"
-M3D_COMMIT = "63e72005"  # the BAAI-DCAI/M3D commit that made the fixtures the converters are tested against
 
 
 def read_source_config(folder: Path) -> dict:
@@ -224,7 +224,7 @@ def m3d_clip_card(model: VoxCLIPModel, processor, source, output_dir: Path):
         f"layers, {text.num_attention_heads} heads; its pooler, which M3D-CLIP does not use, dropped), from `{source}`",
         data_source="the source's (M3D-CLIP: M3D-Cap); the conversion trains nothing",
         stages=f"converted by `voxlm convert m3d-clip` from `{source}`; embeddings checked against "
-        f"LaMed/src/model/CLIP.py of {M3D_REPOSITORY} {M3D_COMMIT} on a tiny model",
+        f"LaMed/src/model/CLIP.py of {M3D_REPOSITORY} {M3D_COMMIT[:8]} on a tiny model",
         objectives="infonce contrastive (M3D-CLIP's symmetric cross-entropy; M3D scales the cosines by `logit_scale`, "
         "VoxCLIP by `exp(logit_scale)`, so the converted `logit_scale` is the log of M3D's)",
         limits=f"Reports are truncated at {processor.max_length} tokens (M3D's `max_length`); M3D's own loader keeps "

@@ -19,7 +19,6 @@ holds (default `hidden_size // 64`, BERT's head width: 12 for BERT-base; overrid
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from .configuration_voxvit import VoxViTConfig
 from .convert_m3d import SINGLE_FILES, checkpoint_files, convert_monai_vit_state_dict, load_state_dict_file
 from .modeling_voxclip import VoxCLIPModel
 
-M3D_CLIP_HUB_ID = "GoodBaiBai88/M3D-CLIP"
 M3D_COMMIT = "63e72005a2304eda74579870239bfc7b04b0edae"  # the BAAI-DCAI/M3D commit tests/m3d_lamed compares against
 # Note: M3D tokenizes reports with `max_length=512` (LaMed/src/train/train_CLIP.py DataArguments.max_length, and
 # Bench/eval/eval_itr.py --max_length), truncation and padding="max_length"; the config's `max_text_len` (128) is
@@ -47,8 +45,6 @@ WEIGHT_FILES = (*SINGLE_FILES, "model_params.bin")
 RENAMES = {"language_encoder.": "text_model.", "mm_vision_proj.": "visual_projection.",
            "mm_language_proj.": "text_projection."}
 OVERRIDES = ("text_config", "vision_config", "max_length")
-
-logger = logging.getLogger(__name__)
 
 
 def load_m3d_clip_folder(source_folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
