@@ -159,17 +159,20 @@ def load_voxlm(name: str | None = None, device: str | torch.device | None = None
 
 
 def load_voxclip(name: str | None = None, device: str | torch.device | None = None):
-    """`(model, processor)` of a saved VoxCLIP: the model and its `VoxCLIPProcessor` (volume processor and
-    tokenizer) (`None`: `$VOXLM_CLIP_MODEL`, else the quickstart's)."""
+    """`(model, processor)` of a saved dual encoder (a VoxCLIP, or a converted COLIPRI, HLIP, DCFormer-SigLIP or
+    Merlin): the model and its `VoxCLIPProcessor` (volume processor and tokenizer) (`None`: `$VOXLM_CLIP_MODEL`, else
+    the quickstart's VoxCLIP)."""
     from transformers import AutoModel, AutoProcessor
 
     import voxlm  # noqa: F401
 
     name = resolve_model_name(name, CLIP_MODEL_ENV, DEFAULT_CLIP_MODEL)
     model = _from_pretrained(AutoModel.from_pretrained, name, "VoxCLIP")
-    if model.config.model_type != "voxclip":
+    # What retrieval and zero-shot classification call: any image-text dual encoder has them.
+    if not all(hasattr(model, method) for method in ("get_image_features", "get_text_features", "logit_scale")):
         raise ModelNotFoundError(
-            f"{name!r} holds a {model.config.model_type} model, not a VoxCLIP. {HOW_TO_GET_A_MODEL}"
+            f"{name!r} holds a {model.config.model_type} model, not a VoxCLIP or another image-text dual encoder. "
+            f"{HOW_TO_GET_A_MODEL}"
         )
     processor = _from_pretrained(AutoProcessor.from_pretrained, name, "VoxCLIP processor")
     return model.to(device or default_device()).eval(), processor
