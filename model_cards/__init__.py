@@ -122,8 +122,20 @@ def preprocessing_summary(volume_processor) -> str:
         }[normalization] + ", whatever the modality"
     masks = "" if volume_processor.mask_resample_mode == "nearest-exact" else (
         f" (masks: {volume_processor.mask_resample_mode!r} resize)")
-    return (f"reorientation to RAS (depth first); {intensity}; scaled to [0, 1]{crop}; trilinear resize to "
-            f"{list(volume_processor.image_size)} (D, H, W){masks}")
+    spacing = volume_processor.spacing
+    resample = "" if spacing is None else (f"; linear resampling to {spacing} mm (D, H, W), "
+                                           f"{volume_processor.spacing_grid!r} grid")
+    low, high = volume_processor.output_range
+    if volume_processor.fit == "resize":
+        fit = f"trilinear resize to {list(volume_processor.image_size)}"
+    else:
+        fit = (f"pad (with {volume_processor.pad_value!r}) or crop about the centre "
+               f"({volume_processor.pad_crop_rule!r}) to {list(volume_processor.image_size)}")
+    normalise = ("" if volume_processor.image_mean is None
+                 else f"; (x - {volume_processor.image_mean:.6g}) / {volume_processor.image_std:.6g}")
+    axes = "(D, H, W) = (S, A, R)" if volume_processor.axis_order == "SAR" else "axes (R, A, S)"
+    return (f"reorientation to RAS{resample}; {intensity}; scaled to [{low:g}, {high:g}]{crop}; {fit} "
+            f"{axes}{normalise}{masks}")
 
 
 def memory_summary(model, trainable_only: bool = False) -> str:

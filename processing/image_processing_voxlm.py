@@ -2,13 +2,17 @@
 
 Steps, each recorded in `preprocessor_config.json`:
 
-    read (any format) -> canonical orientation (RAS, depth first) -> modality (the caller's, the DICOM tag, the
-    processor's; `choose_modality`) -> intensity range (`intensity_normalization`: by default a CT Hounsfield window /
-    other modalities a percentile window; or the volume's min and max, or percentiles for every modality, as M3D's
-    data scripts do) -> scale to [0, 1] -> crop the foreground (voxels above the range's low end) -> resize to
-    `image_size` (trilinear; masks `mask_resample_mode`) -> (1, D, H, W) float32
+    read (any format) -> canonical orientation (RAS, depth first) -> [resample to `spacing` mm] -> modality (the
+    caller's, the DICOM tag, the processor's; `choose_modality`) -> intensity range (`intensity_normalization`: by
+    default a CT Hounsfield window / other modalities a percentile window; or the volume's min and max, or percentiles
+    for every modality, as M3D's data scripts do) -> scale to `output_range` ([0, 1] by default) -> crop the
+    foreground (voxels above the range's low end) -> fit to `image_size` (`fit`: trilinear resize, masks
+    `mask_resample_mode`; or pad and crop about the centre) -> [`(x - image_mean) / image_std`] -> [axes to
+    `axis_order`] -> (1, D, H, W) float32
 
-`m3d_volume_processor` builds the settings that reproduce the volumes M3D-LaMed was trained on.
+`m3d_volume_processor` builds the settings that reproduce the volumes M3D-LaMed was trained on; the presets of the
+released encoders voxlm converts (`colipri_volume_processor`, `hlip_volume_processor`, `merlin_volume_processor`,
+`dcformer_volume_processor`) those of COLIPRI, HLIP, Merlin and Med3DVLM's DCFormer-SigLIP.
 
 The modality is never guessed silently: each volume's `VolumeMetadata` records the one used and why, and a volume
 that cannot be CT in Hounsfield units (no air: hardly a voxel below -200, where air is -1000 HU) is not put through
@@ -22,7 +26,7 @@ scans with a `scan_mask`: `(B, S, 1, D, H, W)`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -59,6 +63,16 @@ INTENSITY_NORMALIZATIONS = ("window", "minmax", "percentiles", "foreground_perce
 # `mask_resample_mode`: "nearest-exact" samples voxel centres; "nearest" is torch's and MONAI's legacy nearest (what
 # M3D's `Resized(mode="nearest")` gave its masks), which shifts them by up to a voxel towards the origin.
 MASK_RESAMPLE_MODES = ("nearest-exact", "nearest")
+# `spacing_grid`: where the voxels of a volume resampled to `spacing` lie, as each source library places them
+# (`resample_to_spacing`).
+SPACING_GRIDS = ("centre", "origin", "extent")
+# `fit`: how the volume reaches `image_size`; `pad_crop_rule`: on which side an odd pad or crop puts its extra voxel
+# (`pad_or_crop`).
+FITS = ("resize", "pad_or_crop")
+PAD_CROP_RULES = ("floor_before", "ceil_before", "monai")
+# `axis_order`: the order of `pixel_values`' spatial axes: voxlm's (S, A, R), or (R, A, S), the array order of
+# nibabel, MONAI's `Orientation("RAS")` and TorchIO's `ToOrientation("RAS")`.
+AXIS_ORDERS = ("SAR", "RAS")
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +109,78 @@ def resize_volume(array: np.ndarray | torch.Tensor, size, mode: str = "trilinear
         return tensor[0, 0]
     align = False if mode == "trilinear" else None
     return F.interpolate(tensor, size=tuple(size), mode=mode, align_corners=align)[0, 0]
+
+
+def linear_resample_axis(array: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of `array` along `axis` at fractional voxel `positions` (within `[0, n - 1]`)."""
+    below = np.clip(np.floor(positions).astype(np.int64), 0, array.shape[axis] - 1)
+    above = np.minimum(below + 1, array.shape[axis] - 1)
+    weight = (positions - below).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    return (np.take(array, below, axis=axis) * (1.0 - weight) + np.take(array, above, axis=axis) * weight)
+
+
+def resample_to_spacing(array: np.ndarray, affine: np.ndarray, spacing, grid: str) -> np.ndarray:
+    """A canonical `(D, H, W)` volume resampled (linearly) to `spacing` mm per axis.
+
+    Args:
+        array (`np.ndarray` of shape `(D, H, W)`): the canonical volume.
+        affine (`np.ndarray` of shape `(4, 4)`): its voxel -> RAS millimetre matrix (the voxel sizes are its columns'
+            lengths).
+        spacing (sequence of 3 floats): the target voxel size of each axis in mm.
+        grid (`str`): where the new voxels lie, as each library places them (`SPACING_GRIDS`):
+            - `"centre"`: `floor(n s / t)` voxels of exactly `t` mm centred on the volume's centre, so none lies outside
+              it (TorchIO's `Resample`, which SimpleITK interpolates linearly);
+            - `"origin"`: MONAI's `Spacing` (the first voxel's centre kept, exactly `t` mm, MONAI's own output shape
+              and border padding);
+            - `"extent"`: `floor(n s / t)` voxels over the same extent, `F.interpolate(..., mode="trilinear")` to
+              that size (voxels close to, not exactly, `t` mm: HLIP's `data/ct_rate/process.py`).
+    """
+    source = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)  # (3,) mm per canonical axis
+    target = np.asarray(spacing, dtype=np.float64)
+    shape = np.array(array.shape)
+    size = np.where(shape == 1, 1, np.floor(shape * source / target)).astype(int)
+    if grid == "extent":
+        return resize_volume(array, size).numpy()
+    if grid == "centre":
+        resampled = np.asarray(array, dtype=np.float64)
+        for axis in range(3):
+            positions = (shape[axis] - 1) / 2 + (np.arange(size[axis]) - (size[axis] - 1) / 2) * target[axis] / source[axis]
+            resampled = linear_resample_axis(resampled, positions, axis)
+        return resampled.astype(np.float32)
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    volume = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    return Spacing(pixdim=tuple(target), mode="bilinear")(volume)[0].numpy().astype(np.float32)
+
+
+def pad_crop_bounds(size: int, target: int, rule: str) -> tuple[int, int]:
+    """`(start, stop)` of the `target` voxels kept from an axis of `size` voxels (outside `[0, size)`: padding).
+
+    `rule` (`PAD_CROP_RULES`): the extra voxel of an odd difference goes after (`"floor_before"`: HLIP's pad and crop,
+    MONAI's `SpatialPad`), before (`"ceil_before"`: TorchIO's `CropOrPad`), or as MONAI's `SpatialPad` (floor before)
+    then `CenterSpatialCrop` (from `size // 2 - target // 2`) place it (`"monai"`).
+    """
+    if size < target:
+        before = -(-(target - size) // 2) if rule == "ceil_before" else (target - size) // 2
+        return -before, target - before
+    if rule == "monai":
+        start = size // 2 - target // 2
+    else:
+        start = -(-(size - target) // 2) if rule == "ceil_before" else (size - target) // 2
+    return start, start + target
+
+
+def pad_or_crop(array: np.ndarray, size, rule: str, value: float) -> np.ndarray:
+    """`array (D, H, W)` padded with `value` and / or cropped about its centre to `size` (`pad_crop_bounds`)."""
+    result = np.full(tuple(size), value, dtype=np.float32)
+    source, destination = [], []
+    for length, target in zip(array.shape, size):
+        start, stop = pad_crop_bounds(length, target, rule)
+        source.append(slice(max(start, 0), min(stop, length)))
+        destination.append(slice(max(-start, 0), max(-start, 0) + min(stop, length) - max(start, 0)))
+    result[tuple(destination)] = array[tuple(source)]
+    return result
 
 
 def pad_studies(studies: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +233,24 @@ class VoxVolumeProcessor(BaseImageProcessor):
         mask_resample_mode (`str`, *optional*, defaults to `"nearest-exact"`): how masks are resized to `image_size`:
             `"nearest-exact"` (voxel centres) or `"nearest"` (torch's legacy nearest, MONAI's `Resize(mode="nearest")`,
             what M3D's data scripts gave its training masks).
+        spacing (sequence of 3 floats, *optional*): resample each volume to these voxel sizes in mm, per canonical
+            `(D, H, W)` axis (`(S, A, R)`), before anything else (default: no resampling).
+        spacing_grid (`str`, *optional*, defaults to `"centre"`): where the resampled voxels lie (`SPACING_GRIDS`,
+            `resample_to_spacing`): TorchIO's `"centre"`, MONAI's `"origin"` or HLIP's `"extent"`.
+        output_range (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`): what the intensity range maps to.
+        fit (`str`, *optional*, defaults to `"resize"`): how volumes reach `image_size`: `"resize"` (trilinear) or
+            `"pad_or_crop"` (pad with `pad_value` and / or crop about the centre, keeping the voxel size).
+        pad_crop_rule (`str`, *optional*, defaults to `"floor_before"`): the side of an odd pad or crop's extra voxel
+            (`PAD_CROP_RULES`, `pad_crop_bounds`).
+        pad_value (`float` or `"minimum"`, *optional*, defaults to 0.0): the padding, in `output_range` units, or the
+            volume's minimum after scaling (TorchIO's `padding_mode="minimum"`).
+        image_mean (`float`, *optional*), image_std (`float`, *optional*): a last `(x - image_mean) / image_std`.
+        axis_order (`str`, *optional*, defaults to `"SAR"`): the order of the output's spatial axes (`AXIS_ORDERS`):
+            voxlm's `(S, A, R)`, or `(R, A, S)`, the array order of TorchIO, MONAI and nibabel on RAS volumes. With
+            `"RAS"`, `image_size` is in that order too.
+
+    Masks map back onto the source grid (`postprocess_mask`, `box_to_canonical`) only through a resize of the
+    canonical grid: processors with `spacing`, `fit="pad_or_crop"` or `axis_order="RAS"` embed volumes only.
     """
 
     model_input_names = ["pixel_values"]
@@ -162,9 +266,38 @@ class VoxVolumeProcessor(BaseImageProcessor):
         nan_policy: str = "error",
         intensity_normalization: str = "window",
         mask_resample_mode: str = "nearest-exact",
+        spacing=None,
+        spacing_grid: str = "centre",
+        output_range=(0.0, 1.0),
+        fit: str = "resize",
+        pad_crop_rule: str = "floor_before",
+        pad_value=0.0,
+        image_mean: float | None = None,
+        image_std: float | None = None,
+        axis_order: str = "SAR",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for name, value, choices in (("spacing_grid", spacing_grid, SPACING_GRIDS), ("fit", fit, FITS),
+                                     ("pad_crop_rule", pad_crop_rule, PAD_CROP_RULES),
+                                     ("axis_order", axis_order, AXIS_ORDERS)):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+        self.spacing = None if spacing is None else [float(v) for v in spacing]
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"`spacing` must be three positive voxel sizes in mm, got {spacing!r}")
+        self.spacing_grid, self.fit, self.pad_crop_rule, self.axis_order = spacing_grid, fit, pad_crop_rule, axis_order
+        self.output_range = [float(v) for v in output_range]
+        if len(self.output_range) != 2 or not self.output_range[0] < self.output_range[1]:
+            raise ValueError(f"`output_range` must be (low, high) with low < high, got {output_range!r}")
+        if not (pad_value == "minimum" or isinstance(pad_value, (int, float))):
+            raise ValueError(f"`pad_value` must be a number or 'minimum', got {pad_value!r}")
+        self.pad_value = pad_value if pad_value == "minimum" else float(pad_value)
+        if (image_mean is None) != (image_std is None) or (image_std is not None and not image_std > 0):
+            raise ValueError(f"`image_mean` and `image_std` go together, with `image_std` > 0; got {image_mean!r} and "
+                             f"{image_std!r}")
+        self.image_mean = None if image_mean is None else float(image_mean)
+        self.image_std = None if image_std is None else float(image_std)
         if intensity_normalization not in INTENSITY_NORMALIZATIONS:
             raise ValueError(f"`intensity_normalization` must be one of {INTENSITY_NORMALIZATIONS}, got "
                              f"{intensity_normalization!r}")
@@ -184,7 +317,8 @@ class VoxVolumeProcessor(BaseImageProcessor):
         self.crop_foreground = crop_foreground
         self.max_voxels = int(max_voxels)
         self.nan_policy = nan_policy
-        self.orientation = "RAS, depth first (D, H, W) = (S, A, R)"
+        self.orientation = ("RAS, depth first (D, H, W) = (S, A, R)" if axis_order == "SAR"
+                            else "RAS, (D, H, W) = (R, A, S)")
         # Descriptions, not settings (saved configs carry them, and loading overwrites them from the settings).
         self.resample = f"trilinear (masks: {mask_resample_mode})"
 
@@ -289,6 +423,9 @@ class VoxVolumeProcessor(BaseImageProcessor):
             window (`str` or `tuple`, *optional*): overrides `self.ct_window` for this volume.
         """
         volume = read_volume(volume, max_voxels=self.max_voxels, nan_policy=self.nan_policy)
+        if self.spacing is not None:
+            volume = replace(volume, array=resample_to_spacing(volume.array, volume.affine, self.spacing,
+                                                               self.spacing_grid))
         if self.intensity_normalization == "window":
             modality, reason = self.choose_modality(volume, modality)
         else:  # the range ignores the modality: record the one known, without the CT rule's warnings
@@ -304,13 +441,38 @@ class VoxVolumeProcessor(BaseImageProcessor):
         scaled = np.clip(cropped, low, high)
         scaled -= low
         scaled *= 1.0 / (high - low)
-        pixel_values = resize_volume(scaled, self.image_size)[None]  # (1, D, H, W)
+        pixel_values = self.fit_to_size(self.to_output_range(scaled))[None]  # (1, D, H, W)
         geometry = Volume(
             array=np.empty(0, dtype=np.float32), affine=volume.affine, spacing=volume.spacing, source=volume.source,
             orientation=volume.orientation, source_shape=volume.source_shape, modality=volume.modality,
         )
         return pixel_values, VolumeMetadata(volume=geometry, canonical_shape=volume.array.shape, crop=box,
                                             modality=modality, modality_reason=reason)
+
+    def to_output_range(self, scaled: np.ndarray) -> np.ndarray:
+        """Values in [0, 1] -> `output_range`."""
+        low, high = self.output_range
+        return scaled if (low, high) == (0.0, 1.0) else scaled * (high - low) + low
+
+    def fit_to_size(self, array: np.ndarray) -> torch.Tensor:
+        """A scaled canonical `(D, H, W)` volume -> `image_size` (`fit`), normalised by `image_mean` / `image_std`
+        and with its axes in `axis_order`."""
+        size = self.image_size if self.axis_order == "SAR" else self.image_size[::-1]  # in canonical order
+        if self.fit == "resize":
+            fitted = resize_volume(array, size)
+        else:
+            value = float(array.min()) if self.pad_value == "minimum" else self.pad_value
+            fitted = torch.from_numpy(pad_or_crop(array, size, self.pad_crop_rule, value))
+        if self.image_mean is not None:
+            fitted = (fitted - self.image_mean) / self.image_std
+        return fitted if self.axis_order == "SAR" else fitted.permute(2, 1, 0)  # (S, A, R) -> (R, A, S)
+
+    def check_masks_map_back(self) -> None:
+        """Raise `ValueError` unless masks and boxes at model resolution map back onto the source grid (a resize of
+        the canonical grid, which only `spacing=None`, `fit="resize"` and `axis_order="SAR"` keep)."""
+        if self.spacing is not None or self.fit != "resize" or self.axis_order != "SAR":
+            raise ValueError("This processor (spacing / pad_or_crop / axis_order settings of a converted encoder) "
+                             "prepares volumes for embedding only; masks and boxes do not map back through it")
 
     def preprocess_mask(self, mask, metadata: VolumeMetadata) -> torch.Tensor:
         """A mask on its volume's canonical grid -> `(1, D, H, W)` in {0, 1}, cropped and resized (nearest) like it.
@@ -319,6 +481,7 @@ class VoxVolumeProcessor(BaseImageProcessor):
             mask: anything `read_volume` takes, on the same grid as the volume of `metadata`.
             metadata (`VolumeMetadata`): from `preprocess_volume` of that volume.
         """
+        self.check_masks_map_back()
         mask = read_volume(mask, max_voxels=self.max_voxels, allow_constant=True).array
         if mask.shape != tuple(metadata.canonical_shape):
             raise VolumeError(
@@ -358,6 +521,7 @@ class VoxVolumeProcessor(BaseImageProcessor):
             metadata (`VolumeMetadata`): from `preprocess_volume` of the same volume.
             threshold (`float`, defaults to 0.5): probability above which a voxel is foreground.
         """
+        self.check_masks_map_back()
         mask = torch.as_tensor(np.asarray(mask, dtype=np.float32) if not torch.is_tensor(mask) else mask.float())
         mask = mask.reshape(mask.shape[-3:])
         (d0, d1), (h0, h1), (w0, w1) = metadata.crop
@@ -378,6 +542,7 @@ class VoxVolumeProcessor(BaseImageProcessor):
             `np.ndarray` of shape `(2, 3)`: `(d, h, w)` of the low and high corners; continuous, voxel centres at
             integers, so a box over whole voxels `i..j` spans `i - 0.5 .. j + 0.5`.
         """
+        self.check_masks_map_back()
         values = np.clip(np.asarray(box, dtype=np.float64).reshape(2, 3), 0.0, 1.0)  # (6,) -> (corner, axis)
         start = np.array([low for low, _ in metadata.crop], dtype=np.float64)
         extent = np.array([high - low for low, high in metadata.crop], dtype=np.float64)
@@ -533,6 +698,72 @@ def m3d_volume_processor(image_size=(32, 256, 256), dataset: str = "cap", **kwar
     return VoxVolumeProcessor(image_size=image_size, **settings)
 
 
+# timm's IMAGENET_DEFAULT_MEAN and _STD averaged over the channels, as float32 tensors average them (HLIP's
+# `Normalize(torch.as_tensor(IMAGENET_DEFAULT_MEAN).mean(), torch.as_tensor(IMAGENET_DEFAULT_STD).mean())`).
+HLIP_MEAN = float(np.float32(np.mean(np.array([0.485, 0.456, 0.406], dtype=np.float32), dtype=np.float32)))
+HLIP_STD = float(np.float32(np.mean(np.array([0.229, 0.224, 0.225], dtype=np.float32), dtype=np.float32)))
+# The preprocessing of each released encoder voxlm converts, as `VoxVolumeProcessor` settings (every one a CT model:
+# its Hounsfield window is applied to CT volumes, and to others only when the call says `modality="CT"`).
+RELEASED_ENCODER_SETTINGS = {
+    # colipri 0.1.3 configs/processor/image_transform/default.yaml (TorchIO): ToOrientation RAS, Resample(2) linear,
+    # Clamp and RescaleIntensity (-1000, 1000) HU -> (-1, 1), CropOrPad 192^3 with padding_mode "minimum".
+    "colipri": dict(image_size=(192, 192, 192), spacing=(2.0, 2.0, 2.0), spacing_grid="centre",
+                    ct_window=(-1000.0, 1000.0), output_range=(-1.0, 1.0), fit="pad_or_crop",
+                    pad_crop_rule="ceil_before", pad_value="minimum", axis_order="RAS"),
+    # Zch0414/hlip (CT-RATE chest CT): data/ct_rate/process.py resamples to (3, 1, 1) mm by F.interpolate to
+    # int(n s / t) voxels; src/hlip_test/zeroshot_ct_rate.py windows (-1150, 350) HU to [0, 1], pads / crops to
+    # (112, 336, 336) with the odd voxel after, and normalises by timm's mean and std averaged over channels. Its
+    # arrays are SimpleITK's (z, y, x) of the file as stored: voxlm's (S, A, R) for a file stored in RAS.
+    "hlip": dict(image_size=(112, 336, 336), spacing=(3.0, 1.0, 1.0), spacing_grid="extent",
+                 ct_window=(-1150.0, 350.0), fit="pad_or_crop", pad_crop_rule="floor_before", pad_value=0.0,
+                 image_mean=HLIP_MEAN, image_std=HLIP_STD),
+    # StanfordMIMI/Merlin merlin/data/monai_transforms.py (MONAI): Orientation RAS, Spacing (1.5, 1.5, 3) mm
+    # bilinear, ScaleIntensityRange (-1000, 1000) HU -> [0, 1] clipped, SpatialPad then CenterSpatialCrop to
+    # (224, 224, 160) in (R, A, S) order.
+    "merlin": dict(image_size=(224, 224, 160), spacing=(3.0, 1.5, 1.5), spacing_grid="origin",
+                   ct_window=(-1000.0, 1000.0), fit="pad_or_crop", pad_crop_rule="monai", pad_value=0.0,
+                   axis_order="RAS"),
+}
+
+
+def released_encoder_processor(name: str, **kwargs) -> VoxVolumeProcessor:
+    """The `VoxVolumeProcessor` that reproduces a released encoder's own preprocessing (`RELEASED_ENCODER_SETTINGS`).
+
+    Args:
+        name (`str`): `"colipri"`, `"hlip"` or `"merlin"`.
+        kwargs: other `VoxVolumeProcessor` settings, which win over the preset's.
+    """
+    if name not in RELEASED_ENCODER_SETTINGS:
+        raise ValueError(f"No preprocessing preset {name!r}; choose one of {sorted(RELEASED_ENCODER_SETTINGS)}")
+    settings = {"crop_foreground": False, **RELEASED_ENCODER_SETTINGS[name], **kwargs}
+    return VoxVolumeProcessor(**settings)
+
+
+def colipri_volume_processor(**kwargs) -> VoxVolumeProcessor:
+    """COLIPRI's preprocessing (`RELEASED_ENCODER_SETTINGS["colipri"]`): (1, 192, 192, 192) in [-1, 1], axes (R, A, S)."""
+    return released_encoder_processor("colipri", **kwargs)
+
+
+def hlip_volume_processor(**kwargs) -> VoxVolumeProcessor:
+    """HLIP's chest-CT preprocessing (`RELEASED_ENCODER_SETTINGS["hlip"]`): (1, 112, 336, 336), normalised."""
+    return released_encoder_processor("hlip", **kwargs)
+
+
+def merlin_volume_processor(**kwargs) -> VoxVolumeProcessor:
+    """Merlin's preprocessing (`RELEASED_ENCODER_SETTINGS["merlin"]`): (1, 224, 224, 160) in [0, 1], axes (R, A, S)."""
+    return released_encoder_processor("merlin", **kwargs)
+
+
+def dcformer_volume_processor(**kwargs) -> VoxVolumeProcessor:
+    """What Med3DVLM's DCFormer-SigLIP was trained on: M3D-Cap's preparation at (128, 256, 256)
+    (mirthAI/Med3DVLM src/utils/m3d_cap_data_prepare_128.py: min-max to [0, 1], MONAI `CropForeground`, `Resize`
+    bilinear), which `m3d_volume_processor` reproduces."""
+    return m3d_volume_processor(image_size=(128, 256, 256), dataset="cap", **kwargs)
+
+
 __all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "CT_AIR_BELOW", "CT_MIN_AIR_SHARE",
-           "INTENSITY_NORMALIZATIONS", "M3D_DATASETS", "MASK_RESAMPLE_MODES", "is_ct", "m3d_volume_processor",
+           "INTENSITY_NORMALIZATIONS", "M3D_DATASETS", "MASK_RESAMPLE_MODES", "RELEASED_ENCODER_SETTINGS", "SPACING_GRIDS",
+           "FITS", "PAD_CROP_RULES", "AXIS_ORDERS", "colipri_volume_processor", "dcformer_volume_processor",
+           "hlip_volume_processor", "merlin_volume_processor", "released_encoder_processor", "resample_to_spacing",
+           "pad_or_crop", "is_ct", "m3d_volume_processor",
            "pad_studies", "resize_volume"]

@@ -167,7 +167,7 @@ def test_model_card_states_m3d_preprocessing():
 
     text = preprocessing_summary(m3d_volume_processor(dataset="seg"))
     assert "percentiles 0.05-99.95 of the voxels above the volume's mean, whatever the modality" in text
-    assert "[32, 256, 256] (D, H, W) (masks: 'nearest' resize)" in text and "Hounsfield" not in text
+    assert "[32, 256, 256] (D, H, W) = (S, A, R) (masks: 'nearest' resize)" in text and "Hounsfield" not in text
     assert "the volume's minimum to maximum" in preprocessing_summary(m3d_volume_processor())
 
 
