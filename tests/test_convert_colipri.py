@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoProcessor
 
 from voxlm.conversion import convert_colipri
 from voxlm.modeling import ColipriModel, ColipriVisionModel
-from voxlm.modeling.convert_colipri import COLIPRI_DEFAULTS, convert_colipri_state_dict
+from voxlm.modeling.convert_colipri import COLIPRI_DEFAULTS, colipri_config, convert_colipri_state_dict
 from voxlm.processing import VoxCLIPProcessor
 
 FIXTURES = Path(__file__).parent / "colipri"
@@ -173,5 +173,17 @@ def test_bad_overrides_are_refused(overrides, message):
         convert_colipri(SOURCE, "unused", overrides)
 
 
-def test_released_defaults_build_colipris_sizes():
-    assert COLIPRI_DEFAULTS["image_embed_dim"] == 864 and COLIPRI_DEFAULTS["input_size"] == 192
+def test_released_defaults_give_colipris_released_sizes():
+    """What a CXR-BERT (BERT-base shapes) and no overrides give: Primus-M at 192^3 with 8^3 patches, 768-wide
+    embeddings (colipri 0.1.3's configs/), BERT's 12 heads."""
+    shapes = {"embeddings.word_embeddings.weight": (30522, 768), "embeddings.position_embeddings.weight": (512, 768),
+              "embeddings.token_type_embeddings.weight": (2, 768),
+              **{f"encoder.layer.{i}.intermediate.dense.weight": (3072, 768) for i in range(12)}}
+    weights = {f"text_encoder.backbone.{key}": torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    config = colipri_config(weights)
+    vision = config.vision_config
+    assert (vision.image_size, vision.patch_size, vision.grid_size) == ([192] * 3, [8] * 3, [24] * 3)
+    assert (vision.embed_dim, vision.num_hidden_layers, vision.num_attention_heads) == (864, 16, 12)
+    assert (vision.intermediate_size, vision.hidden_size, vision.pooler_num_heads) == (2304, 768, 12)
+    assert config.text_config.num_attention_heads == 12 and config.text_pooler_num_heads == 12
+    assert COLIPRI_DEFAULTS["model.image_encoder.backbone.init_values"] == vision.layer_scale_init_value == 0.1
