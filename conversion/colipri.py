@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 COLIPRI_HUB_ID = "microsoft/colipri"
 WEIGHTS_FILE = "model.safetensors"
+# What a Hub download fetches: the weights and, where a repo has them, tokenizer files and the card.
+SOURCE_FILES = [WEIGHTS_FILE, "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md"]
 
 
 def colipri_tokenizer(folder: Path) -> BertTokenizer:
@@ -67,7 +69,7 @@ def convert_colipri(source: str | Path, output_dir: str | Path, overrides: dict 
         unexpected or wrongly shaped tensors); `FileNotFoundError`: no `model.safetensors`.
     """
     overrides = check_overrides(overrides)
-    folder = resolve_source(source)
+    folder = resolve_source(source, allow_patterns=SOURCE_FILES)
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (the COLIPRI release holds one)")
     state_dict = load_state_dict_file(folder / WEIGHTS_FILE)
@@ -107,7 +109,8 @@ def colipri_card(model: ColipriModel, processor, source, output_dir: Path):
         "1 / colipri's `softmax_temperature`",
         limits=f"Reports are truncated and padded to {processor.max_length} tokens, as colipri's `Processor` does. "
         "Licences: colipri's code and the microsoft/colipri weights are MIT (the colipri 0.1.3 package metadata and "
-        "model card); the CXR-BERT-specialized tokenizer is Microsoft's (see its own card).",
+        "model card); CXR-BERT-specialized, whose tokenizer COLIPRI uses, is MIT "
+        "(huggingface.co/microsoft/BiomedVLP-CXR-BERT-specialized).",
         preprocessing=preprocessing_summary(processor.image_processor), memory=memory_summary(model),
         repo_or_path=str(output_dir),
     )

@@ -187,3 +187,14 @@ def test_released_defaults_give_colipris_released_sizes():
     assert (vision.intermediate_size, vision.hidden_size, vision.pooler_num_heads) == (2304, 768, 12)
     assert config.text_config.num_attention_heads == 12 and config.text_pooler_num_heads == 12
     assert COLIPRI_DEFAULTS["model.image_encoder.backbone.init_values"] == vision.layer_scale_init_value == 0.1
+
+
+def test_a_hub_id_is_downloaded_with_only_the_weights_and_tokenizer_files(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: asked.append((repo_id, kwargs["allow_patterns"])) or str(SOURCE))
+    convert_colipri("microsoft/colipri", tmp_path / "out", OVERRIDES)
+    assert asked[0][0] == "microsoft/colipri" and "model.safetensors" in asked[0][1]
+    assert "base_model: microsoft/colipri" in (tmp_path / "out" / "README.md").read_text()
