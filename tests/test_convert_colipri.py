@@ -198,3 +198,17 @@ def test_a_hub_id_is_downloaded_with_only_the_weights_and_tokenizer_files(monkey
     convert_colipri("microsoft/colipri", tmp_path / "out", OVERRIDES)
     assert asked[0][0] == "microsoft/colipri" and "model.safetensors" in asked[0][1]
     assert "base_model: microsoft/colipri" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_every_parameter_gets_a_gradient(reference, tmp_path):
+    model = convert_colipri(SOURCE, tmp_path / "out", OVERRIDES)
+    model = ColipriModel.from_pretrained(model).train()
+    output = model(pixel_values=reference["pixel_values"], input_ids=reference["input_ids"][:2, :16],
+                   attention_mask=reference["attention_mask"][:2, :16])
+    labels = torch.arange(2)
+    loss = torch.nn.functional.cross_entropy(output.logits_per_image, labels)
+    loss = loss + model.get_dense_image_features(reference["pixel_values"]).square().mean()
+    loss.backward()
+    # A shift of every logit by `logit_bias` leaves the softmax unchanged: only it has a zero gradient.
+    without = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without == ["logit_bias"], without
