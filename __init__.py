@@ -16,6 +16,10 @@ from transformers import (
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
 from voxlm.modeling import (
+    ColipriConfig,
+    ColipriModel,
+    ColipriVisionConfig,
+    ColipriVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -53,11 +57,21 @@ def _register_auto_classes() -> None:
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     VoxCLIPConfig.register_for_auto_class("AutoConfig")
     VoxCLIPModel.register_for_auto_class("AutoModel")
+    for config_class in (ColipriVisionConfig, ColipriConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(ColipriConfig, ColipriModel, exist_ok=True)
+    AutoModel.register(ColipriVisionConfig, ColipriVisionModel, exist_ok=True)
+    AutoProcessor.register(ColipriConfig, VoxCLIPProcessor, exist_ok=True)
+    AutoImageProcessor.register(ColipriConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    ColipriConfig.register_for_auto_class("AutoConfig")
+    ColipriModel.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()
 
 __all__ = [
+    "ColipriConfig",
+    "ColipriModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
     "VoxViTConfig",
