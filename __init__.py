@@ -16,6 +16,10 @@ from transformers import (
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
 from voxlm.modeling import (
+    HLIPConfig,
+    HLIPModel,
+    HLIPVisionConfig,
+    HLIPVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -53,6 +57,14 @@ def _register_auto_classes() -> None:
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     VoxCLIPConfig.register_for_auto_class("AutoConfig")
     VoxCLIPModel.register_for_auto_class("AutoModel")
+    for config_class in (HLIPVisionConfig, HLIPConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(HLIPConfig, HLIPModel, exist_ok=True)
+    AutoModel.register(HLIPVisionConfig, HLIPVisionModel, exist_ok=True)
+    AutoProcessor.register(HLIPConfig, VoxCLIPProcessor, exist_ok=True)
+    AutoImageProcessor.register(HLIPConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    HLIPConfig.register_for_auto_class("AutoConfig")
+    HLIPModel.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()

@@ -314,7 +314,9 @@ class HLIPModel(HLIPPreTrainedModel):
                              "scans one at a time (scan_mask must be all True)")
         return self.visual_projection(self.vision_model(pixel_values).pooler_output)
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Projected (not normalised) report embeddings `(B, P)`: the CLS token of the last hidden state.
 
         Args:
