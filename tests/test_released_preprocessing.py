@@ -1,6 +1,7 @@
 """The processors of the released encoders voxlm converts equal their sources' own preprocessing code on nilearn's
 MNI152 template, as it is and in Hounsfield units (references made by tests/released_preprocessing/make_references.py
-with colipri 0.1.3's TorchIO pipeline, HLIP's CT-RATE scripts and Merlin's MONAI transforms)."""
+with colipri 0.1.3's TorchIO pipeline, HLIP's CT-RATE scripts, Merlin's MONAI transforms and Med3DVLM's M3D-Cap
+preparation)."""
 
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from voxlm.processing import VoxVolumeProcessor, released_encoder_processor
+from voxlm.processing import VoxVolumeProcessor, dcformer_volume_processor, released_encoder_processor
 from voxlm.processing.image_processing_voxlm import pad_crop_bounds, pad_or_crop
 
 REFERENCES = Path(__file__).parent / "released_preprocessing" / "references.safetensors"
@@ -27,24 +28,38 @@ def mni_inputs():
             "mni_hu": nib.Nifti1Image((data * 3000.0 - 1000.0).astype(np.float32), image.affine)}
 
 
-@pytest.mark.parametrize("model", ["colipri", "hlip", "merlin"])
-def test_processor_equals_source_preprocessing(model, mni_inputs):
+def assert_equals_reference(pixel_values: torch.Tensor, key: str) -> None:
+    """`pixel_values (1, D, H, W)` equal the source's output stored under `key`: the strided voxels to 1e-4, and the
+    sums over every voxel to a mean difference of 1e-6 (above float32 rounding, a difference is a systematic one)."""
     references = load_file(REFERENCES)
     with safe_open(REFERENCES, "pt") as file:
         stride = int(file.metadata()["stride"])
+    pixel_values = pixel_values.double()
+    assert list(pixel_values.shape) == references[f"{key}.shape"].tolist(), key
+    strided = pixel_values[0, ::stride, ::stride, ::stride]
+    torch.testing.assert_close(strided, references[f"{key}.strided"].double(), atol=1e-4, rtol=0, msg=key)
+    for statistic, value in (("sum", pixel_values.sum()), ("sum_of_squares", pixel_values.square().sum())):
+        mean_difference = abs(float(value) - float(references[f"{key}.{statistic}"])) / pixel_values.numel()
+        assert mean_difference < 1e-6, (key, statistic, mean_difference)
+
+
+@pytest.mark.parametrize("model", ["colipri", "hlip", "merlin"])
+def test_processor_equals_source_preprocessing(model, mni_inputs):
     processor = released_encoder_processor(model)
     for name, image in mni_inputs.items():
-        key = f"{model}.{name}"
         # Every one of them is a CT model: the MNI152 template (an MRI) goes through the CT window as the sources put
         # any volume through it.
-        pixel_values = processor(image, modality="CT")["pixel_values"][0].double()  # (1, D, H, W)
-        assert list(pixel_values.shape) == references[f"{key}.shape"].tolist(), key
-        strided = pixel_values[0, ::stride, ::stride, ::stride]
-        torch.testing.assert_close(strided, references[f"{key}.strided"].double(), atol=1e-4, rtol=0, msg=key)
-        # The sums cover every voxel: a mean difference above float32 rounding is a systematic one.
-        for statistic, value in (("sum", pixel_values.sum()), ("sum_of_squares", pixel_values.square().sum())):
-            mean_difference = abs(float(value) - float(references[f"{key}.{statistic}"])) / pixel_values.numel()
-            assert mean_difference < 1e-6, (key, statistic, mean_difference)
+        assert_equals_reference(processor(image, modality="CT")["pixel_values"][0], f"{model}.{name}")
+
+
+def test_dcformer_processor_equals_med3dvlm_preparation():
+    from nilearn.datasets import load_mni152_template
+
+    # Med3DVLM's volumes come from 8-bit PNG slices: the same 8-bit values, as a NIfTI.
+    image = load_mni152_template(resolution=1)
+    data = np.round(image.get_fdata() / image.get_fdata().max() * 255).astype(np.float32)
+    pixel_values = dcformer_volume_processor()(nib.Nifti1Image(data, image.affine))["pixel_values"][0]
+    assert_equals_reference(pixel_values, "dcformer.mni_8bit")
 
 
 def test_released_processors_save_and_load(tmp_path):

@@ -7,14 +7,18 @@ template (1 mm) and on a Hounsfield-unit copy of it, for `tests/test_released_pr
         open_clip_torch ftfy
     /work/venvs/preproc/bin/python tests/released_preprocessing/make_references.py SRC OUT
 
-SRC holds the sources' checkouts: `hlip` (Zch0414/hlip at HLIP_COMMIT) and `Merlin` (StanfordMIMI/Merlin at
-MERLIN_COMMIT); colipri 0.1.3 comes from PyPI. Each source's pipeline runs as its code runs it:
+SRC holds the sources' checkouts: `hlip` (Zch0414/hlip at HLIP_COMMIT), `Merlin` (StanfordMIMI/Merlin at
+MERLIN_COMMIT) and `Med3DVLM` (mirthAI/Med3DVLM); colipri 0.1.3 comes from PyPI. Each source's pipeline runs as its code runs it:
 
 - COLIPRI: `colipri.get_processor(image_only=True).process_images(path)` (TorchIO, the package's own config);
 - HLIP (CT-RATE): `data/ct_rate/process.py` `load_nifti_file` (resampling to 3 x 1 x 1 mm, the volume saved as
   `.pt` as that script saves it), then the dataset of `src/hlip_test/zeroshot_ct_rate.py` `get_data` (window,
   pad / crop, normalisation);
-- Merlin: `merlin/data/monai_transforms.py` `ImageTransforms` (MONAI).
+- Merlin: `merlin/data/monai_transforms.py` `ImageTransforms` (MONAI);
+- DCFormer-SigLIP (Med3DVLM at MED3DVLM_COMMIT): `src/utils/m3d_cap_data_prepare_128.py` `process_subfolder` on the
+  template quantised to 8 bits and written as one PNG per canonical (S, A, R) slice, as M3D-Cap's volumes are stored,
+  with the transform its `__main__` block builds (`CropForeground(allow_smaller=True)`, `Resize([128, 256, 256],
+  mode="bilinear")`); voxlm reads the same 8-bit values from a NIfTI.
 
 torchvision is never installed: timm, open_clip and HLIP import it, and what they use of it is stubbed below
 (`Normalize` is `(x - mean) / std`, as torchvision's; FrozenBatchNorm2d, InterpolationMode and the rest are never
@@ -36,6 +40,7 @@ from safetensors.torch import save_file
 
 HLIP_COMMIT = "fe8d764"
 MERLIN_COMMIT = "2489a96"
+MED3DVLM_COMMIT = "cbbd633"
 STRIDE = 7
 
 
@@ -114,6 +119,35 @@ def mni_inputs(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def quantised_mni(folder: Path) -> tuple[Path, Path]:
+    """The template in 8 bits as a NIfTI, and as a folder of PNG slices `0.png, 1.png, ...` of its canonical
+    (S, A, R) layout (the file is stored in RAS: canonical = the array's axes reversed)."""
+    from nilearn.datasets import load_mni152_template
+    from PIL import Image
+
+    image = load_mni152_template(resolution=1)
+    data = np.round(image.get_fdata() / image.get_fdata().max() * 255).astype(np.uint8)
+    nifti = folder / "mni_8bit.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.float32), image.affine), nifti)
+    slices = folder / "case" / "mni_8bit"
+    slices.mkdir(parents=True)
+    for index, plane in enumerate(np.transpose(data, (2, 1, 0))):
+        Image.fromarray(plane).save(slices / f"{index}.png")
+    return nifti, slices.parent
+
+
+def dcformer_reference(case: Path, med3dvlm: Path, work: Path) -> torch.Tensor:
+    import monai.transforms as mtf
+    import SimpleITK as sitk
+
+    prepare = module_from(med3dvlm / "src" / "utils" / "m3d_cap_data_prepare_128.py", "med3dvlm_prepare_128")
+    # The transform of the script's `__main__` block, which `process_subfolder` reads as a module global.
+    prepare.transform = mtf.Compose([mtf.CropForeground(allow_smaller=True),
+                                     mtf.Resize(spatial_size=[128, 256, 256], mode="bilinear")])
+    prepare.process_subfolder(case.name, str(case.parent), str(work))
+    return torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(work / case.name / "mni_8bit.nii.gz"))))[None]
+
+
 def colipri_reference(path: Path) -> torch.Tensor:
     import colipri
 
@@ -161,13 +195,19 @@ def main(source: Path, output: Path) -> None:
                           "hlip": hlip_reference(path, source / "hlip", Path(tmp) / input_name),
                           "merlin": merlin_reference(path, source / "Merlin")}
             for model, array in references.items():
-                key = f"{model}.{input_name}"
-                tensors[f"{key}.strided"] = array[0, ::STRIDE, ::STRIDE, ::STRIDE].contiguous()
-                tensors[f"{key}.shape"] = torch.tensor(array.shape)
-                tensors[f"{key}.sum"] = array.double().sum()
-                tensors[f"{key}.sum_of_squares"] = array.double().square().sum()
+                add_reference(tensors, f"{model}.{input_name}", array)
+        nifti, case = quantised_mni(Path(tmp))
+        add_reference(tensors, "dcformer.mni_8bit", dcformer_reference(case, source / "Med3DVLM", Path(tmp) / "out"))
     save_file(tensors, str(output), metadata={"stride": str(STRIDE), "hlip": HLIP_COMMIT, "merlin": MERLIN_COMMIT,
-                                              "colipri": "0.1.3"})
+                                              "med3dvlm": MED3DVLM_COMMIT, "colipri": "0.1.3"})
+
+
+def add_reference(tensors: dict, key: str, array: torch.Tensor) -> None:
+    """`array (1, D, H, W)` every STRIDE-th voxel, with its shape, sum and sum of squares, under `key`."""
+    tensors[f"{key}.strided"] = array[0, ::STRIDE, ::STRIDE, ::STRIDE].float().contiguous()
+    tensors[f"{key}.shape"] = torch.tensor(array.shape)
+    tensors[f"{key}.sum"] = array.double().sum()
+    tensors[f"{key}.sum_of_squares"] = array.double().square().sum()
 
 
 if __name__ == "__main__":
