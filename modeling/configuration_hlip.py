@@ -42,7 +42,8 @@ class HLIPVisionConfig(VoxConfig):
         pre_norm (`bool`, *optional*, defaults to `False`): timm's `pre_norm` (a LayerNorm before the blocks; the
             patch projection then has no bias, as timm builds it).
         max_num_scans (`int`, *optional*, defaults to 1): HLIP's `max_num_scans`; above 1 a fixed sine-cosine table
-            of that many scan positions is added to each scan's tokens.
+            of that many scan positions is added to each scan's tokens (0 or 1: none, as HLIP's chest-CT and
+            `ablate_seqposemb_*` encoders have).
         attention_levels (`list[str]`, *optional*, defaults to HLIP's chest-CT layout): for each block, `"slice"`
             (the tokens of one patch-depth slice attend to each other), `"scan"` (one scan) or `"study"` (all scans);
             HLIP's `slice_attn_indexes` / `scan_attn_indexes` / `study_attn_indexes` as one list.
@@ -108,11 +109,12 @@ class HLIPVisionConfig(VoxConfig):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"`hidden_size` {self.hidden_size} is not divisible by `num_attention_heads` "
                              f"{self.num_attention_heads}")
-        for field in ("num_channels", "intermediate_size", "num_hidden_layers", "max_num_scans"):
+        for field in ("num_channels", "intermediate_size", "num_hidden_layers"):
             if getattr(self, field) < 1:
                 raise ValueError(f"`{field}` must be >= 1, got {getattr(self, field)}")
-        if self.num_register_tokens < 0:
-            raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}")
+        for field in ("num_register_tokens", "max_num_scans"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"`{field}` must be >= 0, got {getattr(self, field)}")
         if len(self.attention_levels) != self.num_hidden_layers:
             raise ValueError(f"`attention_levels` names {len(self.attention_levels)} blocks, but "
                              f"`num_hidden_layers` is {self.num_hidden_layers}")

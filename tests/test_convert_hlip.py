@@ -169,3 +169,14 @@ def test_study_with_padded_scans_is_refused(converted, reference):
     _, model, _ = converted
     with pytest.raises(ValueError, match="no padding mask"):
         model.get_image_features(reference["study"], scan_mask=torch.tensor([[True, False]]))
+
+
+@pytest.mark.parametrize("field, value", [("attention_levels", ["slice"] * 6 + ["row"]), ("hidden_size", 50),
+                                          ("max_num_scans", -1), ("patch_size", [2, 8])])
+def test_vision_config_names_the_bad_field(field, value):
+    from voxlm.modeling import HLIPVisionConfig
+
+    settings = dict(image_size=[4, 16, 16], patch_size=[2, 8, 8], hidden_size=48, num_attention_heads=2,
+                    num_hidden_layers=7, attention_levels=["slice"] * 7)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        HLIPVisionConfig(**{**settings, field: value})
