@@ -20,6 +20,10 @@ from voxlm.modeling import (
     ColipriModel,
     ColipriVisionConfig,
     ColipriVisionModel,
+    HLIPConfig,
+    HLIPModel,
+    HLIPVisionConfig,
+    HLIPVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -31,6 +35,12 @@ from voxlm.modeling import (
 from voxlm.processing import VoxCLIPProcessor, VoxLMProcessor, VoxVolumeProcessor
 
 __version__ = "0.1.0"
+
+# (config, model, vision config, vision model) of each released encoder voxlm converts (`voxlm convert`).
+RELEASED_ENCODERS = (
+    (ColipriConfig, ColipriModel, ColipriVisionConfig, ColipriVisionModel),
+    (HLIPConfig, HLIPModel, HLIPVisionConfig, HLIPVisionModel),
+)
 
 
 def _register_auto_classes() -> None:
@@ -57,14 +67,18 @@ def _register_auto_classes() -> None:
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     VoxCLIPConfig.register_for_auto_class("AutoConfig")
     VoxCLIPModel.register_for_auto_class("AutoModel")
-    for config_class in (ColipriVisionConfig, ColipriConfig):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModel.register(ColipriConfig, ColipriModel, exist_ok=True)
-    AutoModel.register(ColipriVisionConfig, ColipriVisionModel, exist_ok=True)
-    AutoProcessor.register(ColipriConfig, VoxCLIPProcessor, exist_ok=True)
-    AutoImageProcessor.register(ColipriConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
-    ColipriConfig.register_for_auto_class("AutoConfig")
-    ColipriModel.register_for_auto_class("AutoModel")
+    # The released encoders voxlm converts: dual encoders with VoxCLIP's processor, and their image towers.
+    for config_class, model_class, vision_config_class, vision_model_class in RELEASED_ENCODERS:
+        for registered in (config_class, vision_config_class):
+            AutoConfig.register(registered.model_type, registered, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModel.register(vision_config_class, vision_model_class, exist_ok=True)
+        AutoProcessor.register(config_class, VoxCLIPProcessor, exist_ok=True)
+        AutoImageProcessor.register(config_class, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+        config_class.register_for_auto_class("AutoConfig")
+        model_class.register_for_auto_class("AutoModel")
+        vision_config_class.register_for_auto_class("AutoConfig")
+        vision_model_class.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()
@@ -72,6 +86,8 @@ _register_auto_classes()
 __all__ = [
     "ColipriConfig",
     "ColipriModel",
+    "HLIPConfig",
+    "HLIPModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
     "VoxViTConfig",

@@ -7,7 +7,8 @@ from voxlm.modeling.convert_m3d import checkpoint_files
 
 from .checkpoints import convert_shards, resolve_source
 from .colipri import convert_colipri
+from .hlip import convert_hlip
 from .m3d import convert_m3d_clip, convert_m3d_lamed
 
-__all__ = ["checkpoint_files", "convert_colipri", "convert_m3d_clip", "convert_m3d_lamed", "convert_shards",
-           "resolve_source"]
+__all__ = ["checkpoint_files", "convert_colipri", "convert_hlip", "convert_m3d_clip", "convert_m3d_lamed",
+           "convert_shards", "resolve_source"]

@@ -14,17 +14,23 @@ CONVERTERS = {
     "m3d-clip": "M3D-CLIP (GoodBaiBai88/M3D-CLIP) as a VoxCLIP; --config: text_config / vision_config / max_length",
     "colipri": "COLIPRI (microsoft/colipri) as a ColipriModel; --config: colipri's own dotted config names "
                "(voxlm.modeling.convert_colipri.COLIPRI_DEFAULTS) and text_config",
+    "hlip": "HLIP (Zch0414/hlip open_clip releases) as an HLIPModel; --config: HLIP's model arguments (img_size, "
+            "depth, slice_attn_indexes, ...) and context_length",
 }
+
+# kind -> its function in voxlm.conversion
+CONVERTER_FUNCTIONS = {"m3d-lamed": "convert_m3d_lamed", "m3d-clip": "convert_m3d_clip", "colipri": "convert_colipri",
+                       "hlip": "convert_hlip"}
 
 
 def run(args) -> Path:
     """Convert `args.source` into `args.output` and print where it went."""
-    from voxlm.conversion import convert_colipri, convert_m3d_clip, convert_m3d_lamed
+    from voxlm import conversion
 
     settings = json.loads(Path(args.config).read_text()) if args.config else None
     if args.output.exists() and any(args.output.iterdir()):
         raise ValueError(f"{args.output} exists and is not empty; choose a new folder")
-    convert = {"m3d-lamed": convert_m3d_lamed, "m3d-clip": convert_m3d_clip, "colipri": convert_colipri}[args.kind]
+    convert = getattr(conversion, CONVERTER_FUNCTIONS[args.kind])
     output = convert(args.source, args.output, settings)
     print(f"{args.kind} checkpoint {args.source} converted to {output}")
     return output
@@ -33,7 +39,7 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP) into a voxlm folder",
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP) into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "
         "with the source's preprocessing and prompt layout, tokenizer, model card), loadable with AutoModel / "

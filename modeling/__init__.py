@@ -2,10 +2,12 @@
 so `save_pretrained` can copy them next to the weights for `trust_remote_code` users."""
 
 from .configuration_colipri import ColipriConfig, ColipriVisionConfig
+from .configuration_hlip import HLIPConfig, HLIPVisionConfig
 from .configuration_voxclip import VoxCLIPConfig
 from .configuration_voxlm import VoxLMConfig, VoxSegConfig
 from .configuration_voxvit import VoxViTConfig
 from .modeling_colipri import ColipriModel, ColipriVisionModel
+from .modeling_hlip import HLIPModel, HLIPVisionModel
 from .modeling_voxclip import VoxCLIPModel
 from .modeling_voxlm import VoxLMForConditionalGeneration, VoxLMPreTrainedModel
 from .modeling_voxvit import VoxViTModel, VoxViTPreTrainedModel
@@ -24,4 +26,8 @@ __all__ = [
     "ColipriVisionConfig",
     "ColipriModel",
     "ColipriVisionModel",
+    "HLIPConfig",
+    "HLIPVisionConfig",
+    "HLIPModel",
+    "HLIPVisionModel",
 ]
