@@ -16,6 +16,10 @@ from transformers import (
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
 from voxlm.modeling import (
+    MerlinConfig,
+    MerlinModel,
+    MerlinVisionConfig,
+    MerlinVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -53,11 +57,25 @@ def _register_auto_classes() -> None:
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     VoxCLIPConfig.register_for_auto_class("AutoConfig")
     VoxCLIPModel.register_for_auto_class("AutoModel")
+    for config_class in (MerlinVisionConfig, MerlinConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(MerlinConfig, MerlinModel, exist_ok=True)
+    AutoModel.register(MerlinVisionConfig, MerlinVisionModel, exist_ok=True)
+    AutoProcessor.register(MerlinConfig, VoxCLIPProcessor, exist_ok=True)
+    AutoImageProcessor.register(MerlinConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    MerlinConfig.register_for_auto_class("AutoConfig")
+    MerlinModel.register_for_auto_class("AutoModel")
+    MerlinVisionConfig.register_for_auto_class("AutoConfig")
+    MerlinVisionModel.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()
 
 __all__ = [
+    "MerlinConfig",
+    "MerlinModel",
+    "MerlinVisionConfig",
+    "MerlinVisionModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
     "VoxViTConfig",

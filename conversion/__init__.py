@@ -7,5 +7,8 @@ from voxlm.modeling.convert_m3d import checkpoint_files
 
 from .checkpoints import convert_shards, resolve_source
 from .m3d import convert_m3d_clip, convert_m3d_lamed
+from .merlin import convert_merlin
 
-__all__ = ["checkpoint_files", "convert_m3d_clip", "convert_m3d_lamed", "convert_shards", "resolve_source"]
+__all__ = [
+    "checkpoint_files", "convert_m3d_clip", "convert_m3d_lamed", "convert_merlin", "convert_shards", "resolve_source",
+]

@@ -12,17 +12,20 @@ CONVERTERS = {
     "m3d-lamed": "M3D-LaMed (GoodBaiBai88/M3D-LaMed-Phi-3-4B, GoodBaiBai88/M3D-LaMed-Llama-2-7B), with SegVol; "
                  "--config: the numbers of M3D's code its files lack (voxlm.modeling.convert_m3d.M3D_LAMED_CONSTANTS)",
     "m3d-clip": "M3D-CLIP (GoodBaiBai88/M3D-CLIP) as a VoxCLIP; --config: text_config / vision_config / max_length",
+    "merlin": "Merlin (stanfordmimi/Merlin, with yikuan8/Clinical-Longformer's config and tokenizer); --config: "
+              "checkpoint / text_encoder (a folder or Hub id) / max_length",
 }
 
 
 def run(args) -> Path:
     """Convert `args.source` into `args.output` and print where it went."""
-    from voxlm.conversion import convert_m3d_clip, convert_m3d_lamed
+    from voxlm.conversion import convert_m3d_clip, convert_m3d_lamed, convert_merlin
 
     settings = json.loads(Path(args.config).read_text()) if args.config else None
     if args.output.exists() and any(args.output.iterdir()):
         raise ValueError(f"{args.output} exists and is not empty; choose a new folder")
-    convert = {"m3d-lamed": convert_m3d_lamed, "m3d-clip": convert_m3d_clip}[args.kind]
+    converters = {"m3d-lamed": convert_m3d_lamed, "m3d-clip": convert_m3d_clip, "merlin": convert_merlin}
+    convert = converters[args.kind]
     output = convert(args.source, args.output, settings)
     print(f"{args.kind} checkpoint {args.source} converted to {output}")
     return output
@@ -31,7 +34,7 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP) into a voxlm folder",
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, Merlin) into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "
         "with the source's preprocessing and prompt layout, tokenizer, model card), loadable with AutoModel / "
