@@ -234,7 +234,9 @@ class MerlinModel(MerlinPreTrainedModel):
             raise ValueError("Merlin encodes one volume per row: `scan_mask` (studies) is not supported")
         return self.visual_projection(self.vision_model(pixel_values).pooler_output)
 
-    def get_text_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Merlin's report embeddings `(B, P)`, not normalised: the projected first (`<s>`) token state.
 
         Args:
