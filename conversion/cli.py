@@ -34,7 +34,7 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, Merlin) into a voxlm folder",
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP) into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "
         "with the source's preprocessing and prompt layout, tokenizer, model card), loadable with AutoModel / "
