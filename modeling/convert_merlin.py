@@ -137,9 +137,9 @@ def convert_merlin_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict
         elif name in HEADS and value.dim() == 5:
             converted[name] = value.flatten(1)  # (P, C, 1, 1, 1) -> (P, C)
         else:
-            # Note: Merlin's released code never reads `logit_scale` (build.py only defines it, init 1.0; its
-            # training code is unreleased); it is kept as the log of the scale, CLIP's convention.
             converted[name] = value
+    # Note: Merlin's released code never reads `logit_scale` (build.py only defines it, init 1.0; its training code
+    # is unreleased), so the value is kept as it is and read as the log of the scale, CLIP's convention.
     converted["logit_bias"] = torch.tensor(0.0)
     return converted, skipped
 

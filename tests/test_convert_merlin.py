@@ -136,8 +136,11 @@ def test_folder_loads_without_voxlm_through_remote_code(converted, reference, tm
         torch.testing.assert_close(remote["text_embeds"], model.get_text_features(**tokens))
 
 
-def test_only_the_unused_longformer_pooler_is_skipped():
-    _, skipped = convert_merlin_state_dict(load_state_dict_file(SOURCE / MERLIN_CHECKPOINT))
+def test_only_the_unused_longformer_pooler_is_skipped_and_logit_scale_is_kept():
+    source = load_state_dict_file(SOURCE / MERLIN_CHECKPOINT)
+    converted_weights, skipped = convert_merlin_state_dict(source)
+    assert torch.equal(converted_weights["logit_scale"], source["logit_scale"])  # Merlin's code never reads it
+    assert converted_weights["logit_bias"].item() == 0.0
     assert sorted(skipped) == ["encode_text.text_encoder.pooler.dense.bias",
                                "encode_text.text_encoder.pooler.dense.weight"]
 
