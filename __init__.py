@@ -24,6 +24,10 @@ from voxlm.modeling import (
     HLIPModel,
     HLIPVisionConfig,
     HLIPVisionModel,
+    MerlinConfig,
+    MerlinModel,
+    MerlinVisionConfig,
+    MerlinVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -40,6 +44,7 @@ __version__ = "0.1.0"
 RELEASED_ENCODERS = (
     (ColipriConfig, ColipriModel, ColipriVisionConfig, ColipriVisionModel),
     (HLIPConfig, HLIPModel, HLIPVisionConfig, HLIPVisionModel),
+    (MerlinConfig, MerlinModel, MerlinVisionConfig, MerlinVisionModel),
 )
 
 
@@ -88,6 +93,8 @@ __all__ = [
     "ColipriModel",
     "HLIPConfig",
     "HLIPModel",
+    "MerlinConfig",
+    "MerlinModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
     "VoxViTConfig",

@@ -9,6 +9,7 @@ from .checkpoints import convert_shards, resolve_source
 from .colipri import convert_colipri
 from .hlip import convert_hlip
 from .m3d import convert_m3d_clip, convert_m3d_lamed
+from .merlin import convert_merlin
 
 __all__ = ["checkpoint_files", "convert_colipri", "convert_hlip", "convert_m3d_clip", "convert_m3d_lamed",
-           "convert_shards", "resolve_source"]
+           "convert_merlin", "convert_shards", "resolve_source"]

@@ -16,11 +16,13 @@ CONVERTERS = {
                "(voxlm.modeling.convert_colipri.COLIPRI_DEFAULTS) and text_config",
     "hlip": "HLIP (Zch0414/hlip open_clip releases) as an HLIPModel; --config: HLIP's model arguments (img_size, "
             "depth, slice_attn_indexes, ...) and context_length",
+    "merlin": "Merlin (stanfordmimi/Merlin, with yikuan8/Clinical-Longformer's config and tokenizer); --config: "
+              "checkpoint / text_encoder (a folder or Hub id) / max_length",
 }
 
 # kind -> its function in voxlm.conversion
 CONVERTER_FUNCTIONS = {"m3d-lamed": "convert_m3d_lamed", "m3d-clip": "convert_m3d_clip", "colipri": "convert_colipri",
-                       "hlip": "convert_hlip"}
+                       "hlip": "convert_hlip", "merlin": "convert_merlin"}
 
 
 def run(args) -> Path:
@@ -39,7 +41,7 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP) into a voxlm folder",
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, Merlin) into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "
         "with the source's preprocessing and prompt layout, tokenizer, model card), loadable with AutoModel / "

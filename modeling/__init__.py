@@ -3,11 +3,13 @@ so `save_pretrained` can copy them next to the weights for `trust_remote_code` u
 
 from .configuration_colipri import ColipriConfig, ColipriVisionConfig
 from .configuration_hlip import HLIPConfig, HLIPVisionConfig
+from .configuration_merlin import MerlinConfig, MerlinVisionConfig
 from .configuration_voxclip import VoxCLIPConfig
 from .configuration_voxlm import VoxLMConfig, VoxSegConfig
 from .configuration_voxvit import VoxViTConfig
 from .modeling_colipri import ColipriModel, ColipriVisionModel
 from .modeling_hlip import HLIPModel, HLIPVisionModel
+from .modeling_merlin import MerlinModel, MerlinVisionModel
 from .modeling_voxclip import VoxCLIPModel
 from .modeling_voxlm import VoxLMForConditionalGeneration, VoxLMPreTrainedModel
 from .modeling_voxvit import VoxViTModel, VoxViTPreTrainedModel
@@ -30,4 +32,8 @@ __all__ = [
     "HLIPVisionConfig",
     "HLIPModel",
     "HLIPVisionModel",
+    "MerlinConfig",
+    "MerlinVisionConfig",
+    "MerlinModel",
+    "MerlinVisionModel",
 ]

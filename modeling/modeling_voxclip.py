@@ -46,6 +46,7 @@ from .losses import (
     token_cross_entropy,
 )
 from .modeling_voxvit import (
+    VoxViTModel,
     VoxViTModelOutput,
     eager_attention_forward,
     patchify,
@@ -477,11 +478,18 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         return self.visual_projection(self.encode_volumes(pixel_values, scan_mask).pooler_output)
 
     def encode_volumes(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None):
-        """The vision tower's output for volumes `(B, C, D, H, W)` or studies `(B, S, C, D, H, W)`; only towers with a
-        study mode (VoxViT) take studies and `scan_mask`."""
-        if scan_mask is None and pixel_values.dim() == 5:
-            return self.vision_model(pixel_values)
-        return self.vision_model(pixel_values, scan_mask=scan_mask)
+        """The vision tower's output for volumes `(B, C, D, H, W)` or studies `(B, S, C, D, H, W)`. Only VoxViT pads
+        studies to one length (`scan_mask`); the other towers take studies of real scans only (HLIP), or volumes.
+
+        Raises:
+            `ValueError`: a `scan_mask` with padded scans for a tower without scan padding.
+        """
+        if isinstance(self.vision_model, VoxViTModel):
+            return self.vision_model(pixel_values, scan_mask=scan_mask)
+        if scan_mask is not None and not bool(scan_mask.all()):
+            raise ValueError(f"The {self.config.vision_config.model_type} tower has no scan padding: encode studies "
+                             "with different numbers of scans one at a time")
+        return self.vision_model(pixel_values)
 
     def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text encoder's token features `(B, L, E_txt)` for `input_ids (B, L)` and `attention_mask (B, L)`."""

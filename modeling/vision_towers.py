@@ -6,13 +6,22 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .configuration_colipri import ColipriVisionConfig
+from .configuration_hlip import HLIPVisionConfig
+from .configuration_merlin import MerlinVisionConfig
 from .configuration_voxvit import VoxViTConfig
+from .modeling_colipri import ColipriVisionModel
+from .modeling_hlip import HLIPVisionModel
+from .modeling_merlin import MerlinVisionModel
 from .modeling_voxvit import VoxViTModel
 
 # model_type -> (config class, model class). Every model returns a `BaseModelOutputWithPooling` whose
 # `pooler_output (B, config.hidden_size)` is the volume's embedding before any contrastive projection.
 VISION_TOWERS: dict[str, tuple[type, type]] = {
     VoxViTConfig.model_type: (VoxViTConfig, VoxViTModel),
+    ColipriVisionConfig.model_type: (ColipriVisionConfig, ColipriVisionModel),
+    HLIPVisionConfig.model_type: (HLIPVisionConfig, HLIPVisionModel),
+    MerlinVisionConfig.model_type: (MerlinVisionConfig, MerlinVisionModel),
 }
 
 

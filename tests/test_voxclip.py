@@ -181,5 +181,5 @@ def test_killed_run_resumes_on_the_same_loss_curve(clip_data, tmp_path):
 def test_unknown_vision_tower_is_named():
     from voxlm.modeling import VoxCLIPConfig
 
-    with pytest.raises(ValueError, match="'ct_fm' is no voxlm vision tower; choose one of \\['voxvit'"):
+    with pytest.raises(ValueError, match="'ct_fm' is no voxlm vision tower; choose one of \\['colipri_vision'"):
         VoxCLIPConfig(vision_config={"model_type": "ct_fm"})
