@@ -16,6 +16,10 @@ from transformers import (
 # Absolute imports: test runners that see this folder as a package under another name (pytest imports a rootdir
 # `__init__.py`) must still register the one `voxlm.modeling`, not a second copy of its classes.
 from voxlm.modeling import (
+    DCFormerSiglipConfig,
+    DCFormerSiglipModel,
+    DCFormerSiglipVisionConfig,
+    DCFormerSiglipVisionModel,
     VoxCLIPConfig,
     VoxCLIPModel,
     VoxLMConfig,
@@ -53,6 +57,14 @@ def _register_auto_classes() -> None:
     VoxLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     VoxCLIPConfig.register_for_auto_class("AutoConfig")
     VoxCLIPModel.register_for_auto_class("AutoModel")
+    for config_class in (DCFormerSiglipVisionConfig, DCFormerSiglipConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(DCFormerSiglipConfig, DCFormerSiglipModel, exist_ok=True)
+    AutoModel.register(DCFormerSiglipVisionConfig, DCFormerSiglipVisionModel, exist_ok=True)
+    AutoProcessor.register(DCFormerSiglipConfig, VoxCLIPProcessor, exist_ok=True)
+    AutoImageProcessor.register(DCFormerSiglipConfig, slow_image_processor_class=VoxVolumeProcessor, exist_ok=True)
+    DCFormerSiglipConfig.register_for_auto_class("AutoConfig")
+    DCFormerSiglipModel.register_for_auto_class("AutoModel")
 
 
 _register_auto_classes()

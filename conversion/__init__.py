@@ -6,6 +6,8 @@ processors, are assembled here."""
 from voxlm.modeling.convert_m3d import checkpoint_files
 
 from .checkpoints import convert_shards, resolve_source
+from .dcformer_siglip import convert_dcformer_siglip
 from .m3d import convert_m3d_clip, convert_m3d_lamed
 
-__all__ = ["checkpoint_files", "convert_m3d_clip", "convert_m3d_lamed", "convert_shards", "resolve_source"]
+__all__ = ["checkpoint_files", "convert_dcformer_siglip", "convert_m3d_clip", "convert_m3d_lamed", "convert_shards",
+           "resolve_source"]

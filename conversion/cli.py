@@ -12,17 +12,19 @@ CONVERTERS = {
     "m3d-lamed": "M3D-LaMed (GoodBaiBai88/M3D-LaMed-Phi-3-4B, GoodBaiBai88/M3D-LaMed-Llama-2-7B), with SegVol; "
                  "--config: the numbers of M3D's code its files lack (voxlm.modeling.convert_m3d.M3D_LAMED_CONSTANTS)",
     "m3d-clip": "M3D-CLIP (GoodBaiBai88/M3D-CLIP) as a VoxCLIP; --config: text_config / vision_config / max_length",
+    "dcformer-siglip": "Med3DVLM's DCFormer-SigLIP (MagicXin/DCFormer_SigLIP); --config: input_size / text_config",
 }
 
 
 def run(args) -> Path:
     """Convert `args.source` into `args.output` and print where it went."""
-    from voxlm.conversion import convert_m3d_clip, convert_m3d_lamed
+    from voxlm.conversion import convert_dcformer_siglip, convert_m3d_clip, convert_m3d_lamed
 
     settings = json.loads(Path(args.config).read_text()) if args.config else None
     if args.output.exists() and any(args.output.iterdir()):
         raise ValueError(f"{args.output} exists and is not empty; choose a new folder")
-    convert = {"m3d-lamed": convert_m3d_lamed, "m3d-clip": convert_m3d_clip}[args.kind]
+    convert = {"m3d-lamed": convert_m3d_lamed, "m3d-clip": convert_m3d_clip,
+               "dcformer-siglip": convert_dcformer_siglip}[args.kind]
     output = convert(args.source, args.output, settings)
     print(f"{args.kind} checkpoint {args.source} converted to {output}")
     return output

@@ -1,9 +1,11 @@
 """voxlm's models. These files depend only on torch, transformers and einops and import each other relatively,
 so `save_pretrained` can copy them next to the weights for `trust_remote_code` users."""
 
+from .configuration_dcformer_siglip import DCFormerSiglipConfig, DCFormerSiglipVisionConfig
 from .configuration_voxclip import VoxCLIPConfig
 from .configuration_voxlm import VoxLMConfig, VoxSegConfig
 from .configuration_voxvit import VoxViTConfig
+from .modeling_dcformer_siglip import DCFormerSiglipModel, DCFormerSiglipVisionModel
 from .modeling_voxclip import VoxCLIPModel
 from .modeling_voxlm import VoxLMForConditionalGeneration, VoxLMPreTrainedModel
 from .modeling_voxvit import VoxViTModel, VoxViTPreTrainedModel
@@ -18,4 +20,8 @@ __all__ = [
     "VoxLMPreTrainedModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
+    "DCFormerSiglipConfig",
+    "DCFormerSiglipVisionConfig",
+    "DCFormerSiglipModel",
+    "DCFormerSiglipVisionModel",
 ]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -115,26 +116,16 @@ class DCFormerSiglipPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DCFormerBlock", "DCFormerDecomposedConv"]
 
     def _init_weights(self, module):
-        """PyTorch's own initialisation for convolutions and BatchNorm (Med3DVLM sets none); the Linear layers get
-        N(0, initializer_range) and zero bias, the layer scales and the logit scale and bias their config values."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.Conv3d, nn.BatchNorm3d)):
-            module.reset_parameters()
-            if isinstance(module, nn.BatchNorm3d):
-                module.reset_running_stats()
-        elif isinstance(module, DCFormerBlock):
+        """transformers' defaults (N(0, initializer_range) convolutions and Linears, unit norms with reset BatchNorm
+        statistics; Med3DVLM trains from PyTorch's own), then the layer scales and the logit scale and bias at their
+        config values."""
+        super()._init_weights(module)
+        if isinstance(module, DCFormerBlock):
             vision = self.config.vision_config if isinstance(self.config, DCFormerSiglipConfig) else self.config
-            nn.init.constant_(module.layer_scale, vision.layer_scale_init_value)
+            init.constant_(module.layer_scale, vision.layer_scale_init_value)
         elif isinstance(module, DCFormerSiglipModel):
-            nn.init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-            nn.init.constant_(module.logit_bias, self.config.logit_bias_init_value)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.constant_(module.logit_bias, self.config.logit_bias_init_value)
 
 
 class DCFormerSiglipVisionModel(DCFormerSiglipPreTrainedModel):
