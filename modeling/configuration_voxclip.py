@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from .configuration_voxlm import auto_text_config
 from .configuration_voxvit import VoxConfig, VoxViTConfig
+from .vision_towers import vision_tower_config
 
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 TEXT_POOLING = ("cls", "mean")
@@ -31,7 +32,10 @@ class VoxCLIPConfig(VoxConfig):
     holds only what its terms use.
 
     Args:
-        vision_config (`VoxViTConfig` or `dict`, *optional*): the volume encoder.
+        vision_config (`PretrainedConfig` or `dict`, *optional*): the volume encoder: a `VoxViTConfig` (the default),
+            or the config of another tower of `voxlm.modeling.vision_towers.VISION_TOWERS` (a dict names it by
+            `model_type`), such as a converted encoder's image tower. Other towers than VoxViT train the contrastive
+            and inter-patient terms only (the others read VoxViT's patch grid and tokens).
         text_config (`PretrainedConfig` or `dict`, *optional*): a BERT-like encoder config (needs `model_type`);
             defaults to BERT-base.
         projection_dim (`int`, *optional*, defaults to 512): width of the shared embedding space.
@@ -69,7 +73,7 @@ class VoxCLIPConfig(VoxConfig):
     """
 
     model_type = "voxclip"
-    sub_configs = {"vision_config": VoxViTConfig, "text_config": AutoConfig}
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(
         self,
@@ -96,9 +100,7 @@ class VoxCLIPConfig(VoxConfig):
         report_decoder_layers: int = 1,
         **kwargs,
     ):
-        if isinstance(vision_config, dict):
-            vision_config = VoxViTConfig(**vision_config)
-        self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
+        self.vision_config = vision_tower_config(vision_config)
         self.text_config = auto_text_config(text_config, "bert", "'bert'")
         self.projection_dim = projection_dim
         self.projection_bias = projection_bias
@@ -133,6 +135,11 @@ class VoxCLIPConfig(VoxConfig):
             raise ValueError("`text_config` has no `hidden_size`: it is not a text encoder config")
         if self.projection_dim <= 0:
             raise ValueError(f"`projection_dim` must be positive, got {self.projection_dim}")
+        voxvit_terms = [field for field in ("mvr_loss_weight", "mim_loss_weight", "mlm_loss_weight",
+                                            "report_gen_loss_weight") if getattr(self, field) > 0]
+        if voxvit_terms and self.vision_config.model_type != VoxViTConfig.model_type:
+            raise ValueError(f"{voxvit_terms} > 0 read VoxViT's patch grid and tokens; the vision tower "
+                             f"{self.vision_config.model_type!r} trains the contrastive and inter-patient terms only")
         low, high = self.inter_patient_thresholds
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"`inter_patient_thresholds` must satisfy 0 <= low < high <= 1, got {(low, high)}")

@@ -33,7 +33,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_voxclip import LOSS_WEIGHTS, VoxCLIPConfig
-from .configuration_voxvit import VoxViTConfig
 from .losses import (
     IGNORE_INDEX,
     gather_with_grad,
@@ -47,13 +46,13 @@ from .losses import (
     token_cross_entropy,
 )
 from .modeling_voxvit import (
-    VoxViTModel,
     VoxViTModelOutput,
     eager_attention_forward,
     patchify,
     sincos_position_embeddings,
     write_model_card_if_missing,
 )
+from .vision_towers import build_vision_tower, vision_tower_config
 
 
 class TextEncoderNotFoundError(ValueError):
@@ -419,7 +418,7 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
 
     def __init__(self, config: VoxCLIPConfig):
         super().__init__(config)
-        self.vision_model = VoxViTModel(config.vision_config)
+        self.vision_model = build_vision_tower(config.vision_config)
         self.text_model = AutoModel.from_config(config.text_config, add_pooling_layer=False)
         bias = config.projection_bias
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=bias)
@@ -461,7 +460,8 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         Returns:
             `set[str]`: the names of those that this model holds (the decoders exist only when their terms are on).
         """
-        names = {f"vision_model.{name}" for name in self.vision_model.no_weight_decay()}
+        tower = self.vision_model.no_weight_decay() if hasattr(self.vision_model, "no_weight_decay") else set()
+        names = {f"vision_model.{name}" for name in tower}
         names |= {"volume_decoder.mask_token", "report_decoder.position_embeddings.weight"}
         return names & dict(self.named_parameters()).keys()
 
@@ -474,7 +474,14 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
             scan_mask (`torch.Tensor` of shape `(B, S)`, *optional*): for studies, `True` on real scans, `False` on
                 padding; padded scans change nothing. Default: every scan is real.
         """
-        return self.visual_projection(self.vision_model(pixel_values, scan_mask=scan_mask).pooler_output)
+        return self.visual_projection(self.encode_volumes(pixel_values, scan_mask).pooler_output)
+
+    def encode_volumes(self, pixel_values: torch.Tensor, scan_mask: torch.Tensor | None = None):
+        """The vision tower's output for volumes `(B, C, D, H, W)` or studies `(B, S, C, D, H, W)`; only towers with a
+        study mode (VoxViT) take studies and `scan_mask`."""
+        if scan_mask is None and pixel_values.dim() == 5:
+            return self.vision_model(pixel_values)
+        return self.vision_model(pixel_values, scan_mask=scan_mask)
 
     def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text encoder's token features `(B, L, E_txt)` for `input_ids (B, L)` and `attention_mask (B, L)`."""
@@ -640,7 +647,7 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # last_hidden_state (B, 1 + N, E_vis), or (B, S, 1 + N, E_vis) for studies; pooler_output (B, E_vis)
-        vision_output = self.vision_model(pixel_values, scan_mask=scan_mask)
+        vision_output = self.encode_volumes(pixel_values, scan_mask)
         text_states = self.encode_text(input_ids, attention_mask)  # (B, L, E_txt)
         image_embeds = F.normalize(self.visual_projection(vision_output.pooler_output), dim=-1)  # (B, P)
         text_embeds = F.normalize(self.text_projection(self.pool_text(text_states, attention_mask)), dim=-1)  # (B, P)
@@ -673,23 +680,22 @@ class VoxCLIPModel(VoxCLIPPreTrainedModel):
     @classmethod
     def from_vision_text_pretrained(
         cls,
-        vision_model: str | VoxViTModel | None,
+        vision_model,
         text_model,
-        vision_config: VoxViTConfig | None = None,
+        vision_config=None,
         text_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "VoxCLIPModel":
-        """Assemble a VoxCLIP from a VoxViT (folder, Hub id, model, or `None` for a random one from `vision_config`)
-        and a pretrained text encoder (folder, Hub id or model); `text_kwargs` go to its `from_pretrained` (e.g.
-        `hidden_dropout_prob`), the remaining keyword arguments to `VoxCLIPConfig`.
+        """Assemble a VoxCLIP from a vision tower (a model of `VISION_TOWERS`, or `None` for a random one from
+        `vision_config`, a config or dict) and a pretrained text encoder (folder, Hub id or model); `text_kwargs` go
+        to its `from_pretrained` (e.g. `hidden_dropout_prob`), the remaining keyword arguments to `VoxCLIPConfig`.
+        (`voxlm.training.assemble.load_vision_encoder` loads a tower from a folder.)
 
         Raises:
             `TextEncoderNotFoundError`: the text encoder cannot be loaded, naming it and how to use a local folder.
         """
-        if isinstance(vision_model, str):
-            vision_model = VoxViTModel.from_pretrained(vision_model)
-        elif vision_model is None:
-            vision_model = VoxViTModel(vision_config or VoxViTConfig())
+        if vision_model is None:
+            vision_model = build_vision_tower(vision_tower_config(vision_config))
         if isinstance(text_model, str):
             name = text_model
             try:

@@ -176,3 +176,10 @@ def test_killed_run_resumes_on_the_same_loss_curve(clip_data, tmp_path):
     assert after_resume[0]["step"] % 2 == 1 and [r["step"] for r in after_resume][-1] == 8
     for record in after_resume:
         assert abs(record["loss"] - expected[record["step"]]) < 1e-5, record
+
+
+def test_unknown_vision_tower_is_named():
+    from voxlm.modeling import VoxCLIPConfig
+
+    with pytest.raises(ValueError, match="'ct_fm' is no voxlm vision tower; choose one of \\['voxvit'"):
+        VoxCLIPConfig(vision_config={"model_type": "ct_fm"})

@@ -8,11 +8,14 @@ any local folder / Hub id of a causal LM (Llama-2-7B, Phi-3-mini, Qwen2.5, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration, VoxViTConfig, VoxViTModel
+from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration, VoxViTModel
+from voxlm.modeling.vision_towers import VISION_TOWERS, build_vision_tower, vision_tower_config
+from voxlm.processing import VoxVolumeProcessor
 
 from .settings import model_keyword_arguments
 
@@ -55,16 +58,32 @@ def load_llm(name: str, text_config: dict | None = None):
     return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
 
 
-def load_vision_encoder(vision: str | None, vision_config: dict | None) -> VoxViTModel:
-    """The encoder: from a VoxViT or VoxCLIP folder, or random from `vision_config` (`VoxViTConfig` keywords)."""
-    if vision is None:
-        return VoxViTModel(VoxViTConfig(**(vision_config or {})))
-    config = AutoConfig.from_pretrained(vision)
-    if config.model_type == "voxclip":
-        from transformers import AutoModel
+def load_vision_encoder(vision: str | None, vision_config: dict | None):
+    """A vision tower (`voxlm.modeling.vision_towers.VISION_TOWERS`): from its own folder, from the image tower of a
+    dual-encoder folder (a VoxCLIP, or a converted COLIPRI, HLIP, DCFormer-SigLIP or Merlin), or random from
+    `vision_config` (the tower's config keywords, `model_type` choosing it; a VoxViT by default).
 
-        return AutoModel.from_pretrained(vision).vision_model
-    return VoxViTModel.from_pretrained(vision)
+    Raises:
+        `ValueError`: the folder holds neither a vision tower nor a dual encoder with one.
+    """
+    if vision is None:
+        return build_vision_tower(vision_tower_config(vision_config or {}))
+    model = AutoModel.from_pretrained(vision)
+    if model.config.model_type in VISION_TOWERS:
+        return model
+    tower = getattr(model, "vision_model", None)
+    if tower is None or tower.config.model_type not in VISION_TOWERS:
+        raise ValueError(f"{vision} holds a {model.config.model_type} model, neither a vision tower of "
+                         f"{sorted(VISION_TOWERS)} nor a dual encoder with one")
+    return tower
+
+
+def tower_processor(vision: str | None):
+    """The `VoxVolumeProcessor` saved with a tower's folder (a converted encoder's: its source's preprocessing), or
+    `None` when the folder holds none (or there is no folder)."""
+    if vision is None or not (Path(vision) / "preprocessor_config.json").is_file():
+        return None
+    return VoxVolumeProcessor.from_pretrained(vision)
 
 
 def voxlm_config_arguments(pretrained: PretrainedParts, model: dict) -> dict:
@@ -85,13 +104,16 @@ def build_voxlm(pretrained: PretrainedParts, model: dict | None = None, processo
     `processor` (`VoxVolumeProcessor` keywords; its `image_size` is the encoder's) sections. voxlm's tokens are added
     to the tokenizer, the LM's embeddings resized (new rows at the mean), and the processor built around the tokenizer
     with the model's image-token count."""
-    from voxlm.processing import VoxLMProcessor, VoxVolumeProcessor, add_voxlm_tokens
+    from voxlm.processing import VoxLMProcessor, add_voxlm_tokens
 
     config_arguments = voxlm_config_arguments(pretrained, model or {})
     torch.manual_seed(seed)
     language_model, tokenizer = load_llm(pretrained.llm, config_arguments.pop("text_config", None))
     token_ids = add_voxlm_tokens(tokenizer)
     vision_model = load_vision_encoder(pretrained.vision, config_arguments.pop("vision_config", None))
+    if not isinstance(vision_model, VoxViTModel):
+        raise ValueError(f"A VoxLM reads VoxViT patch tokens; pretrained.vision={pretrained.vision!r} gives a "
+                         f"{vision_model.config.model_type} tower")
     voxlm = VoxLMForConditionalGeneration.from_vision_text_pretrained(
         vision_model, language_model, token_ids=token_ids, vocab_size=len(tokenizer), **config_arguments
     )

@@ -24,10 +24,11 @@ from datasets import interleave_datasets
 from transformers import AutoTokenizer
 
 from voxlm.model_cards import voxclip_card_for_run
-from voxlm.modeling import VoxCLIPConfig, VoxCLIPModel, VoxViTConfig
+from voxlm.modeling import VoxCLIPConfig, VoxCLIPModel
 from voxlm.processing import VoxCLIPProcessor, VoxVolumeProcessor
 from voxlm.data import ContrastiveCollator, PreprocessedStream, stream_rows
 from voxlm.data.study_sampling import StudyCollator, StudySampling
+from voxlm.training.assemble import load_vision_encoder, tower_processor
 from voxlm.training.loop import build_accelerator, epoch_loader, run_training, save_final
 from voxlm.training.settings import (
     RunSettings, add_run_arguments, load_settings, model_keyword_arguments, overrides_from_args,
@@ -42,8 +43,10 @@ class ClipPretrainedParts:
     """Where the pretrained parts of a VoxCLIP come from (the `pretrained` section of the stage's config).
 
     Args:
-        vision (`str`, *optional*): a VoxViT folder / Hub id; its config is the VoxCLIP's `vision_config`. `None`
-            builds a random encoder from `model.vision_config`.
+        vision (`str`, *optional*): a vision tower's folder / Hub id (a VoxViT), or a dual encoder's (a VoxCLIP, or
+            a converted COLIPRI, HLIP, DCFormer-SigLIP or Merlin), whose image tower is used, with the preprocessing
+            saved beside it; its config is the VoxCLIP's `vision_config`. `None` builds a random tower from
+            `model.vision_config` (`model_type` chooses it; a VoxViT by default).
         text (`str`, *optional*): a BERT-like folder / Hub id; `None` uses the packaged MiniLM (offline).
         text_dropout (`float`, *optional*): overrides the text encoder's dropout.
         text_trainable_layers (`int`, *optional*): train only the top N layers of the text encoder (0: lock it, only
@@ -114,14 +117,18 @@ def build_clip(pretrained: ClipPretrainedParts, model: dict | None = None, proce
     if pretrained.vision is not None:
         set_elsewhere["vision_config"] = f"pretrained.vision={pretrained.vision!r} (its own config)"
     config_arguments = model_keyword_arguments(VoxCLIPConfig, model or {}, set_elsewhere)
-    vision_config = VoxViTConfig(**config_arguments.pop("vision_config", {}))
+    vision_model = load_vision_encoder(pretrained.vision, config_arguments.pop("vision_config", None))
     dropout = pretrained.text_dropout
     text_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    clip = VoxCLIPModel.from_vision_text_pretrained(pretrained.vision, text, vision_config=vision_config,
-                                                    text_kwargs=text_kwargs, **config_arguments)
+    clip = VoxCLIPModel.from_vision_text_pretrained(vision_model, text, text_kwargs=text_kwargs, **config_arguments)
     freeze_text_layers(clip, pretrained.text_trainable_layers)
-    image_size = tuple(clip.config.vision_config.image_size)
-    return clip, VoxVolumeProcessor(image_size=image_size, **(processor or {})), AutoTokenizer.from_pretrained(text)
+    saved = tower_processor(pretrained.vision)
+    if saved is not None:  # a converted encoder's own preprocessing, with the `processor` section's changes
+        volume_processor = VoxVolumeProcessor.from_dict({**saved.to_dict(), **(processor or {})})
+    else:
+        volume_processor = VoxVolumeProcessor(image_size=tuple(clip.config.vision_config.image_size),
+                                              **(processor or {}))
+    return clip, volume_processor, AutoTokenizer.from_pretrained(text)
 
 
 def clip_train_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -158,7 +165,7 @@ def check_study_settings(settings: ClipSettings, model: VoxCLIPModel) -> None:
                          f"{data.config!r}")
     if data.config != "study":
         return
-    max_scans = model.config.vision_config.max_scans
+    max_scans = getattr(model.config.vision_config, "max_scans", 1)  # towers without a study mode take one scan
     if not 1 <= data.max_series <= max_scans:
         raise ValueError(f"data.max_series ({data.max_series}) must lie in [1, model.vision_config.max_scans = "
                          f"{max_scans}]; raise max_scans to train on more series per study")
