@@ -20,6 +20,10 @@ from voxlm.modeling import (
     ColipriModel,
     ColipriVisionConfig,
     ColipriVisionModel,
+    DCFormerSiglipConfig,
+    DCFormerSiglipModel,
+    DCFormerSiglipVisionConfig,
+    DCFormerSiglipVisionModel,
     HLIPConfig,
     HLIPModel,
     HLIPVisionConfig,
@@ -45,6 +49,7 @@ RELEASED_ENCODERS = (
     (ColipriConfig, ColipriModel, ColipriVisionConfig, ColipriVisionModel),
     (HLIPConfig, HLIPModel, HLIPVisionConfig, HLIPVisionModel),
     (MerlinConfig, MerlinModel, MerlinVisionConfig, MerlinVisionModel),
+    (DCFormerSiglipConfig, DCFormerSiglipModel, DCFormerSiglipVisionConfig, DCFormerSiglipVisionModel),
 )
 
 
@@ -95,6 +100,8 @@ __all__ = [
     "HLIPModel",
     "MerlinConfig",
     "MerlinModel",
+    "DCFormerSiglipConfig",
+    "DCFormerSiglipModel",
     "VoxCLIPConfig",
     "VoxCLIPModel",
     "VoxViTConfig",

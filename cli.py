@@ -40,7 +40,8 @@ COMMANDS = {
     "retrieve": Command("voxlm.commands.retrieve", "rank reports by similarity to a volume (VoxCLIP)"),
     "classify": Command("voxlm.commands.classify",
                         "zero-shot classification of a volume over free-text labels (VoxCLIP)"),
-    "convert": Command("voxlm.conversion.cli", "convert a released checkpoint (M3D-LaMed, M3D-CLIP) into a voxlm folder"),
+    "convert": Command("voxlm.conversion.cli", "convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, "
+                       "DCFormer-SigLIP, Merlin) into a voxlm folder"),
 }
 # `voxlm train STAGE`
 TRAINING_STAGES = {

@@ -18,11 +18,13 @@ CONVERTERS = {
             "depth, slice_attn_indexes, ...) and context_length",
     "merlin": "Merlin (stanfordmimi/Merlin, with yikuan8/Clinical-Longformer's config and tokenizer); --config: "
               "checkpoint / text_encoder (a folder or Hub id) / max_length",
+    "dcformer-siglip": "Med3DVLM's DCFormer-SigLIP (MagicXin/DCFormer_SigLIP); --config: input_size / text_config",
 }
 
 # kind -> its function in voxlm.conversion
 CONVERTER_FUNCTIONS = {"m3d-lamed": "convert_m3d_lamed", "m3d-clip": "convert_m3d_clip", "colipri": "convert_colipri",
-                       "hlip": "convert_hlip", "merlin": "convert_merlin"}
+                       "hlip": "convert_hlip", "merlin": "convert_merlin",
+                       "dcformer-siglip": "convert_dcformer_siglip"}
 
 
 def run(args) -> Path:
@@ -41,7 +43,8 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, Merlin) into a voxlm folder",
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, DCFormer-SigLIP, Merlin) "
+        "into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "
         "with the source's preprocessing and prompt layout, tokenizer, model card), loadable with AutoModel / "

@@ -7,10 +7,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from .configuration_colipri import ColipriVisionConfig
+from .configuration_dcformer_siglip import DCFormerSiglipVisionConfig
 from .configuration_hlip import HLIPVisionConfig
 from .configuration_merlin import MerlinVisionConfig
 from .configuration_voxvit import VoxViTConfig
 from .modeling_colipri import ColipriVisionModel
+from .modeling_dcformer_siglip import DCFormerSiglipVisionModel
 from .modeling_hlip import HLIPVisionModel
 from .modeling_merlin import MerlinVisionModel
 from .modeling_voxvit import VoxViTModel
@@ -22,6 +24,7 @@ VISION_TOWERS: dict[str, tuple[type, type]] = {
     ColipriVisionConfig.model_type: (ColipriVisionConfig, ColipriVisionModel),
     HLIPVisionConfig.model_type: (HLIPVisionConfig, HLIPVisionModel),
     MerlinVisionConfig.model_type: (MerlinVisionConfig, MerlinVisionModel),
+    DCFormerSiglipVisionConfig.model_type: (DCFormerSiglipVisionConfig, DCFormerSiglipVisionModel),
 }
 
 
