@@ -80,7 +80,9 @@ def convert_dcformer_siglip(source: str | Path, output_dir: str | Path, override
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"The tokenizer of {source} has {len(tokenizer)} tokens, more than the DistilBERT's "
                          f"{config.text_config.vocab_size} word embeddings")
-    processor = VoxCLIPProcessor(dcformer_volume_processor(), tokenizer, max_length=DCFORMER_SIGLIP_MAX_LENGTH)
+    # Med3DVLM's training volumes, at the size the model's config holds (its `input_size`).
+    processor = VoxCLIPProcessor(dcformer_volume_processor(config.vision_config.image_size), tokenizer,
+                                 max_length=DCFORMER_SIGLIP_MAX_LENGTH)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

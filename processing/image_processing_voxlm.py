@@ -754,11 +754,11 @@ def merlin_volume_processor(**kwargs) -> VoxVolumeProcessor:
     return released_encoder_processor("merlin", **kwargs)
 
 
-def dcformer_volume_processor(**kwargs) -> VoxVolumeProcessor:
+def dcformer_volume_processor(image_size=(128, 256, 256), **kwargs) -> VoxVolumeProcessor:
     """What Med3DVLM's DCFormer-SigLIP was trained on: M3D-Cap's preparation at (128, 256, 256)
     (mirthAI/Med3DVLM src/utils/m3d_cap_data_prepare_128.py: min-max to [0, 1], MONAI `CropForeground`, `Resize`
     bilinear), which `m3d_volume_processor` reproduces."""
-    return m3d_volume_processor(image_size=(128, 256, 256), dataset="cap", **kwargs)
+    return m3d_volume_processor(image_size=image_size, dataset="cap", **kwargs)
 
 
 __all__ = ["VoxVolumeProcessor", "VolumeMetadata", "CT_WINDOWS", "CT_AIR_BELOW", "CT_MIN_AIR_SHARE",

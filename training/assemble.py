@@ -81,7 +81,8 @@ def load_vision_encoder(vision: str | None, vision_config: dict | None):
 def tower_processor(vision: str | None):
     """The `VoxVolumeProcessor` saved with a tower's folder (a converted encoder's: its source's preprocessing), or
     `None` when the folder holds none (or there is no folder)."""
-    if vision is None or not (Path(vision) / "preprocessor_config.json").is_file():
+    if vision is None or not any((Path(vision) / name).is_file()
+                                 for name in ("preprocessor_config.json", "processor_config.json")):
         return None
     return VoxVolumeProcessor.from_pretrained(vision)
 
