@@ -9,7 +9,8 @@ writes its result as JSON into `benchmarks/results/`; the runner renders every s
 replaces the part of `RESULTS.md` between the `run_all` markers. Everything outside the markers (the quickstart's
 results, sections other people add) is kept as it is. The streaming benchmark compares the input rate with the training
 step that the memory benchmark measured in the same run. The 7B memory plan also goes into the README's
-"Memory to train the 7B model" section, between its own markers.
+"Memory to train the 7B model" section, and the released encoders' table into "Use the field's released 3D encoders",
+each between its own markers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ README = common.BENCHMARKS.parent / "README.md"
 JSON_FOLDER = common.BENCHMARKS / "results"
 BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
 PLAN_BEGIN, PLAN_END = "<!-- memory_plan: begin -->", "<!-- memory_plan: end -->"
+ENCODERS_BEGIN, ENCODERS_END = "<!-- released_encoders: begin -->", "<!-- released_encoders: end -->"
 
 # name -> (script, full arguments, quick arguments); run in this order (memory before streaming, which uses it)
 SUITE = {
@@ -41,9 +43,11 @@ SUITE = {
                                                 "64", "--hidden-size", "192", "--heads", "3", "--layers", "2"]),
     "study_zero_shot": ("bench_study_zero_shot.py", [], ["--studies", "60", "--test-studies", "30", "--steps", "5"]),
     "cli": ("bench_cli.py", ["--repeats", "5"], ["--repeats", "1"]),
+    "released_encoders": ("bench_released_encoders.py", ["--repeats", "2"],
+                          ["--repeats", "1", "--models", "dcformer-siglip", "hlip"]),
 }
 # benchmarks that run on the CPU only (no --device flag)
-CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot", "cli")
+CPU_ONLY = ("memory_plan", "hlip", "study_zero_shot", "cli", "released_encoders")
 
 
 def run_benchmark(name: str, quick: bool, device: str | None) -> dict:
@@ -181,6 +185,10 @@ def write_results(results: dict, quick: bool) -> None:
         title, _, rest = text.partition("\n")
         text = f"{title}\n\n{BEGIN}\n{END}\n{rest}"
     RESULTS.write_text(replace_between(text, BEGIN, END, generated))
+    encoders = results.get("released_encoders")
+    if encoders is not None and README.exists():
+        body = "\n\n".join([encoders["description"], common.markdown_table(**encoders["tables"][0])])
+        README.write_text(replace_between(README.read_text(), ENCODERS_BEGIN, ENCODERS_END, body))
     plan = results.get("memory_plan")
     if plan is not None and README.exists():
         notes = list(plan.get("notes", []))

@@ -96,6 +96,9 @@ def colipri_card(model: ColipriModel, processor, source, output_dir: Path):
     vision, text = model.config.vision_config, model.config.text_config
     return render_voxclip_card(
         f"colipri-{output_dir.name}", [], base_model=None if Path(source).exists() else str(source), license="mit",
+        summary=("COLIPRI (microsoft/colipri), converted by `voxlm convert colipri`: an EVA-style 3D ViT with rotary "
+                 "positions and attention pooling, and CXR-BERT-specialized, in one embedding space; pre-trained by "
+                 "its authors on CT volumes and reports (weights unchanged)."),
         vision_source=f"COLIPRI's Primus image encoder ({vision.embed_dim} wide, {vision.num_hidden_layers} EVA "
         f"blocks, {vision.num_attention_heads} heads, patches {vision.patch_size}, 3-D rotary embedding), 1x1x1 conv "
         f"projector to {vision.hidden_size} and attention pooling, from `{source}`",

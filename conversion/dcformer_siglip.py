@@ -39,6 +39,9 @@ def dcformer_siglip_card(model: DCFormerSiglipModel, processor, source, output_d
     vision, text = model.config.vision_config, model.config.text_config
     return render_voxclip_card(
         f"dcformer-siglip-{output_dir.name}", [], **source_card_fields(source),
+        summary=("Med3DVLM's DCFormer-SigLIP (mirthAI/Med3DVLM), converted by `voxlm convert dcformer-siglip`: a "
+                 "decomposed-convolution 3D encoder and a DistilBERT text encoder with SigLIP's scale and bias; "
+                 "pre-trained by its authors on M3D-Cap (weights unchanged)."),
         vision_source=f"Med3DVLM's DCFormer (`vision_encoder.*`: stem {vision.stem_channels}, stages "
         f"{list(vision.stage_channels)}, depths {list(vision.stage_depths)}), from `{source}`",
         text_source=f"Med3DVLM's DistilBERT (`language_encoder.*`: {text.dim} wide, {text.n_layers} layers; "

@@ -90,6 +90,9 @@ def hlip_card(model: HLIPModel, processor, source, model_cfg: dict, output_dir: 
     return render_voxclip_card(
         f"hlip-{output_dir.name}", [], base_model=None if Path(source).exists() else str(source), license="other",
         license_name="HLIP code MIT; weights: see the source checkpoint's card",
+        summary=("HLIP (Zch0414/hlip), converted by `voxlm convert hlip`: a ViT with slice / scan / study attention "
+                 "over whole studies, and a BERT text encoder (open_clip), in one embedding space; pre-trained by its "
+                 "authors on studies and reports (weights unchanged)."),
         vision_source=f"HLIP's timm ViT (`visual.trunk.*`: {vision.hidden_size} wide, {vision.num_hidden_layers} "
         f"layers with {'/'.join(vision.attention_levels)} attention, patches {list(vision.patch_size)}, up to "
         f"{vision.max_num_scans} scans), from `{source}`",

@@ -91,6 +91,9 @@ def merlin_card(model: MerlinModel, processor, source, text_source, output_dir: 
     vision, text = model.config.vision_config, model.config.text_config
     return render_voxclip_card(
         f"merlin-{output_dir.name}", [], **source_card_fields(source),
+        summary=("Merlin (StanfordMIMI/Merlin), converted by `voxlm convert merlin`: an I3D-inflated 3D ResNet-152 "
+                 "(with a 1,692-phenotype head) and Clinical-Longformer, in one embedding space; pre-trained by its "
+                 "authors on abdominal CTs, reports and EHR codes (weights unchanged)."),
         vision_source=f"Merlin's I3D-inflated ResNet (`encode_image.i3_resnet.*`: blocks {vision.depths}, "
         f"{vision.hidden_size}-d pooled feature, {vision.num_phenotypes} phenotype logits), from `{source}`",
         text_source=f"Merlin's Clinical-Longformer (`encode_text.text_encoder.*`: {text.hidden_size} wide, "

@@ -78,13 +78,23 @@ def render_voxlm_card(model_name: str, results: list[dict], **fields) -> ModelCa
     return _render("voxlm.md", model_name, results, card_data, fields)
 
 
+VOXCLIP_SUMMARY = (
+    "A VoxCLIP (built with the `voxlm` package): a 3D volume encoder and a BERT-like text encoder with linear "
+    "projections into one embedding space, pre-trained contrastively on volume-report pairs. It embeds CT/MRI volumes "
+    "and radiology text for retrieval and zero-shot classification, and its encoder initialises VoxLM's vision tower."
+)
+
+
 def render_voxclip_card(model_name: str, results: list[dict], **fields) -> ModelCard:
     """A VoxCLIP model card.
 
     Args:
         **fields: `vision_source`, `text_source`, `data_source`, `stages`, `objectives`, `limits`, `preprocessing`,
-            `memory`, `repo_or_path`, `base_model`, and optionally `license` / `license_name` (default: apache-2.0).
+            `memory`, `repo_or_path`, `base_model`, and optionally `summary` (what the model is: a VoxCLIP by
+            default; a converted encoder's names its architecture) and `license` / `license_name` (default:
+            apache-2.0).
     """
+    fields.setdefault("summary", VOXCLIP_SUMMARY)
     card_data = dict(library_name="transformers", pipeline_tag="zero-shot-image-classification",
                      tags=[*TAGS, "clip", "retrieval"], base_model=fields.pop("base_model", None))
     return _render("voxclip.md", model_name, results, card_data, fields)

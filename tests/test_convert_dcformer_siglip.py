@@ -85,7 +85,8 @@ def test_folder_loads_with_auto_processor_and_round_trips(converted, reference, 
     folder, model = converted
     processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(processor, VoxCLIPProcessor) and processor.max_length == 512
-    assert tuple(processor.image_processor.image_size) == (128, 256, 256)
+    # The config's `input_size` (Med3DVLM's (H, W, D) = (32, 96, 16)), as (D, H, W).
+    assert tuple(processor.image_processor.image_size) == (16, 32, 96)
     assert "MIT" in (folder / "README.md").read_text()
     model.save_pretrained(tmp_path / "again")
     again = AutoModel.from_pretrained(tmp_path / "again").eval()

@@ -109,3 +109,10 @@ def test_voxclip_on_a_converted_tower_loads_without_voxlm(converted, tmp_path):
     remote = load_file(output)
     with torch.no_grad():
         torch.testing.assert_close(remote["image_embeds.0"], model.get_image_features(remote["pixel_values.0"]))
+
+
+@pytest.mark.parametrize("kind", sorted(RELEASES))
+def test_cards_say_what_was_converted_and_its_licences(kind, converted):
+    card = (converted[kind] / "README.md").read_text()
+    assert f"converted by `voxlm convert {kind}`" in card and "A VoxCLIP" not in card
+    assert "MIT" in card
