@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from voxlm.modeling.vision_towers import VISION_TOWERS
+
 
 @dataclass
 class RunSettings:
@@ -169,7 +171,9 @@ def model_keyword_arguments(config_class, model: dict, set_elsewhere: dict[str, 
     nothing reads.
     """
     accepted = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
-    vision_fields = set(inspect.signature(config_class.sub_configs["vision_config"].__init__).parameters)
+    # The fields of every vision tower's config (`vision_config` may be any of them).
+    vision_fields = set().union(*(inspect.signature(tower_config.__init__).parameters
+                                  for tower_config, _ in VISION_TOWERS.values())) - {"self", "kwargs"}
     problems = []
     for key in sorted(model):
         if key in set_elsewhere:
