@@ -56,7 +56,7 @@ TRAINING_STAGES = {
 # What `voxlm env` reports: the releases a bug report needs (pyproject.toml's dependencies that break most often).
 REPORTED_PACKAGES = (
     "voxlm", "torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "huggingface_hub", "tokenizers",
-    "monai", "numpy", "nibabel", "pydicom", "SimpleITK", "gradio",
+    "monai", "numpy", "nibabel", "pydicom", "SimpleITK", "gradio", "highdicom", "dicomweb-client",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from voxlm.dicomweb import DicomWebError
 from voxlm.inference import CLIP_MODEL_ENV, DEFAULT_CLIP_MODEL, ModelNotFoundError
 from voxlm.processing import VolumeError
 
@@ -27,7 +28,7 @@ def guarded(run):
     def wrapper(args) -> None:
         try:
             run(args)
-        except (VolumeError, ModelNotFoundError, ValueError) as error:
+        except (VolumeError, ModelNotFoundError, DicomWebError, ValueError, ImportError) as error:
             raise SystemExit(f"voxlm {args.command}: {error}") from error
 
     return wrapper

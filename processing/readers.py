@@ -159,6 +159,9 @@ class Volume:
         orientation (`np.ndarray` of shape `(3, 2)`): nibabel orientation transform from the source axes to RAS.
         source_shape (`tuple[int, int, int]`): the source's array shape.
         modality (`str`, *optional*): the modality the file declares (DICOM `Modality`), if any.
+        dicom_slices (`list[pydicom.Dataset]`): for a DICOM series, each slice's dataset without its pixel data, in
+            the order of the source's third array axis (slice `k` of `source_shape`): what a DICOM Segmentation or
+            Structured Report about this volume references. Empty for other inputs.
     """
 
     array: np.ndarray
@@ -168,6 +171,7 @@ class Volume:
     orientation: np.ndarray = field(default_factory=lambda: np.array([[0, 1], [1, 1], [2, 1]], dtype=float))
     source_shape: tuple[int, int, int] = ()
     modality: str | None = None
+    dicom_slices: list = field(default_factory=list, repr=False)
 
     def to_source_grid(self, canonical: np.ndarray) -> np.ndarray:
         """Map an array in the canonical layout `(D, H, W)` back onto the source's array grid."""
@@ -232,7 +236,8 @@ def _check_affine(affine: np.ndarray, source: str) -> None:
         )
 
 
-def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str | None = None) -> Volume:
+def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str | None = None,
+               dicom_slices: list | None = None) -> Volume:
     """Reorient source-axis data to RAS and put depth first."""
     affine = np.asarray(affine, dtype=np.float64)
     _check_affine(affine, source)
@@ -251,6 +256,7 @@ def _canonical(data: np.ndarray, affine: np.ndarray, source: str, modality: str 
         orientation=orientation,
         source_shape=tuple(data.shape),
         modality=modality,
+        dicom_slices=dicom_slices or [],
     )
 
 
@@ -546,8 +552,9 @@ def _slice_geometry(path: Path, header, source: str) -> tuple[tuple[int, int], n
     return (rows, columns), orientation, position, spacing
 
 
-def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits):
-    """Stack the `(path, header)` slices of one series into source-axis data and its RAS affine, in HU."""
+def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits) -> dict:
+    """Stack the `(path, header)` slices of one series: `_canonical`'s keyword arguments (source-axis data in HU,
+    its RAS affine, the declared modality and the slices' datasets without pixel data, in stacking order)."""
     if len(slices) < 2:
         raise VolumeError(f"{source}: the series has a single slice; a volume needs at least 2")
     geometry = [_slice_geometry(path, header, source) for path, header in slices]
@@ -572,6 +579,7 @@ def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits
     _check_voxels((rows, columns, len(slices)), max_voxels, source)
     _check_bytes(rows * columns * len(slices) * 8, limits, source, "the float32 slices and their canonical copy")
     data = np.empty((len(slices), rows, columns), dtype=np.float32)  # (k, i, j) slices x rows x columns
+    datasets = []
     for plane, (path, _) in zip(data, slices):
         with _decoding(source, f"the pixel data of {path.name} cannot be decoded"):
             dataset = pydicom.dcmread(path)
@@ -581,6 +589,8 @@ def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits
         slope = _dicom_numbers(dataset, "RescaleSlope", 1, source, path, default=1.0)[0]
         intercept = _dicom_numbers(dataset, "RescaleIntercept", 1, source, path, default=0.0)[0]
         plane[...] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        del dataset.PixelData  # the header is kept (for DICOM outputs); the voxels are in `data`
+        datasets.append(dataset)
     # (k, i, j) -> (j, i, k), the NIfTI-like voxel order of the affine below.
     data = np.transpose(data, (2, 1, 0))
     first_position = geometry[order[0]][2]
@@ -590,7 +600,8 @@ def _stack_dicom_slices(slices, source: str, max_voxels: int, limits: ReadLimits
     affine[:3, 1] = column_cosine * row_spacing
     affine[:3, 2] = step
     affine[:3, 3] = first_position
-    return data, LPS_TO_RAS @ affine, getattr(slices[0][1], "Modality", None)
+    return dict(data=data, affine=LPS_TO_RAS @ affine, modality=getattr(slices[0][1], "Modality", None),
+                dicom_slices=datasets)
 
 
 def safe_extract_zip(path: Path, destination: Path, *, max_bytes: int, max_entries: int) -> None:
@@ -691,13 +702,11 @@ def _read_path(path: Path, frame, max_voxels, limits: ReadLimits) -> Volume:
         raise VolumeError(f"{path}: no such file or folder")
     name = path.name.lower()
     if path.is_dir():
-        data, affine, modality = _read_dicom_series(path, path.name, max_voxels, limits)
-        return _canonical(data, affine, path.name, modality)
+        return _canonical(source=path.name, **_read_dicom_series(path, path.name, max_voxels, limits))
     _check_regular_file(path, path.name, "the path")
     if name.endswith(".zip"):
         with _extracted(path, limits) as folder:
-            data, affine, modality = _read_dicom_series(folder, path.name, max_voxels, limits)
-        return _canonical(data, affine, path.name, modality)
+            return _canonical(source=path.name, **_read_dicom_series(folder, path.name, max_voxels, limits))
     if name.endswith((".nii", ".nii.gz")):
         data, affine = _read_nifti(path, frame, max_voxels, limits)
     elif name.endswith(".npy"):
@@ -804,9 +813,8 @@ def _dicom_study(paths, source: str, max_voxels: int, nan_policy: str, limits: R
         description = _series_description(series[uid][0][1], uid)
         name = f"{source} [{description}]"
         try:
-            data, affine, modality = _stack_dicom_slices(series[uid], name, max_voxels,
-                                                         _left_after(limits, study.volumes))
-            volume = _check_values(_canonical(data, affine, name, modality), nan_policy, allow_constant=False)
+            stacked = _stack_dicom_slices(series[uid], name, max_voxels, _left_after(limits, study.volumes))
+            volume = _check_values(_canonical(source=name, **stacked), nan_policy, allow_constant=False)
         except VolumeError as error:
             study.skipped.append(f"{description}: {str(error).removeprefix(name + ': ')}")
             continue

@@ -14,13 +14,17 @@ SECOND_SERIES = "AXIAL BRIGHTER COPY"
 LOCALISER = "LOCALIZER"
 
 
-def copy_series(folder: Path, number: int, description: str | None, offset: int = 0, slices: int | None = None) -> Path:
-    """The CT5N slices as a new series (new UIDs, `SeriesNumber`, `SeriesDescription`), stored values + `offset`."""
+def copy_series(folder: Path, number: int, description: str | None, offset: int = 0, slices: int | None = None,
+                study_uid: str | None = None) -> Path:
+    """The CT5N slices as a new series (new UIDs, `SeriesNumber`, `SeriesDescription`), stored values + `offset`; in
+    CT5N's study, or in the study `study_uid`."""
     folder.mkdir(parents=True)
     series_uid = generate_uid()
     for path in sorted(CT5N.iterdir())[:slices]:
         dataset = pydicom.dcmread(path)
         dataset.SeriesInstanceUID = series_uid
+        if study_uid is not None:
+            dataset.StudyInstanceUID = study_uid
         dataset.SOPInstanceUID = generate_uid()
         dataset.SeriesNumber = number
         if description is None:
