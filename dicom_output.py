@@ -30,7 +30,8 @@ PRIVATE_SCHEME = "99VOXLM"
 LONG_STRING = 64
 _ASKED_FOR = re.compile(
     r"^(?:please\s+)?(?:can you\s+|could you\s+)?(?:segment|outline|delineate|mask|contour|find|locate|show|mark)"
-    r"\s+(?:me\s+)?(?:the\s+|any\s+|all\s+)?(?P<target>.+?)(?:\s+(?:in|on|of|within)\s+(?:this|the|these)\b.*)?[\s.?!]*$",
+    r"\s+(?:me\s+)?(?:the\s+|any\s+|all\s+)?(?P<target>.+?)"
+    r"(?:\s+(?:in|on|of|within)\s+(?:this|the|these)\b.*)?[\s.?!]*$",
     re.IGNORECASE,
 )
 

@@ -44,12 +44,15 @@ def _client_module():
     return DICOMwebClient
 
 
-def connect(url: str, timeout: float = 60.0):
+def connect(url: str, timeout: float = 60.0, attempts: int = 3):
     """A `DICOMwebClient` for the server's DICOMweb root (e.g. `http://localhost:8042/dicom-web`); each request
-    waits at most `timeout` seconds."""
+    waits at most `timeout` seconds and is made up to `attempts` times (after 2 s, 4 s, ...) when the connection
+    fails or the server is busy (429, 503, 504)."""
     if not url.startswith(("http://", "https://")):
         raise DicomWebError(f"{url!r} is not a DICOMweb URL: give the server's DICOMweb root, http(s)://host/path")
-    return _client_module()(url=url.rstrip("/"), timeout=timeout)
+    client = _client_module()(url=url.rstrip("/"), timeout=timeout)
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts)
+    return client
 
 
 @contextlib.contextmanager

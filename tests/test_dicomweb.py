@@ -33,21 +33,24 @@ def upload(client, folder) -> str:
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     """`(url, studies)`: Orthanc holding CT5N (`studies["ct5n"]`), a study of two CT series (`"two_series"`), a study
-    whose only series is not CT or MR (`"not_a_volume"`) and one to be answered in a batch (`"batch"`)."""
+    whose only series is not CT or MR (`"not_a_volume"`), one of CT headers without pixel data (`"no_pixels"`) and
+    one to be answered in a batch (`"batch"`)."""
     root = tmp_path_factory.mktemp("pacs")
     with running_orthanc(root / "orthanc") as url:
         client = dicomweb.connect(url)
         studies = {"ct5n": upload(client, CT5N)}
         for name, series in (("two_series", [(3, "AXIAL"), (4, "AXIAL BRIGHTER")]), ("batch", [(2, "AXIAL")]),
-                             ("not_a_volume", [(8, "SCREEN CAPTURE")])):
+                             ("not_a_volume", [(8, "SCREEN CAPTURE")]), ("no_pixels", [(9, "HEADERS ONLY")])):
             study_uid = generate_uid()
             for number, description in series:
                 copy_series(root / name / description, number, description, offset=50 * number, study_uid=study_uid)
-            if name == "not_a_volume":
-                for path in filter(Path.is_file, (root / name).rglob("*")):
-                    dataset = pydicom.dcmread(path)
+            for path in filter(Path.is_file, (root / name).rglob("*")):
+                dataset = pydicom.dcmread(path)
+                if name == "not_a_volume":
                     dataset.Modality = "OT"
-                    dataset.save_as(path)
+                elif name == "no_pixels":
+                    del dataset.PixelData
+                dataset.save_as(path)
             studies[name] = upload(client, root / name)
         yield url, studies
 
@@ -78,7 +81,8 @@ def test_store_adds_one_seg_and_one_sr_once(pacs, demo_model_dirs, tmp_path, cap
     assert instances(url, study_uid) == {"CT": 5, "SEG": 1, "SR": 1}
     client = dicomweb.connect(url)
     stored_seg = client.search_for_instances(study_instance_uid=study_uid, search_filters={"Modality": "SEG"})
-    assert stored_seg[0]["00080018"]["Value"][0] == row["seg_uid"] == pydicom.dcmread(tmp_path / "seg.dcm").SOPInstanceUID
+    written = pydicom.dcmread(tmp_path / "seg.dcm").SOPInstanceUID
+    assert stored_seg[0]["00080018"]["Value"][0] == row["seg_uid"] == written
     assert dicomweb.stored_report(client, study_uid, str(demo_model_dirs[0])) == row["sr_uid"]
     again = predict_on(url, demo_model_dirs[0], "--study-uid", study_uid, "--store", capsys=capsys)
     assert again == {"study_uid": study_uid, "status": "skipped", "sr_uid": row["sr_uid"], "stored": False}
@@ -127,6 +131,14 @@ def test_an_unknown_study_fails_naming_it(pacs, demo_model_dirs):
                   "--model", str(demo_model_dirs[0])])
 
 
+def test_a_series_without_pixel_data_is_named(pacs, tmp_path):
+    url, studies = pacs
+    with pytest.raises(dicomweb.DicomWebError, match="holds no CT or MR series with pixel data.*HEADERS ONLY: holds no "
+                       "pixel data"):
+        dicomweb.download_study(dicomweb.connect(url), studies["no_pixels"], tmp_path / "study")
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_rejected_stow_is_an_error_and_changes_nothing(pacs):
     url, studies = pacs
     client = dicomweb.connect(url)
@@ -138,16 +150,16 @@ def test_a_rejected_stow_is_an_error_and_changes_nothing(pacs):
     assert instances(url, studies["two_series"]) == before
 
 
-def test_a_server_that_refuses_or_does_not_answer(demo_model_dirs):
+def test_a_server_that_refuses_or_does_not_answer():
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{closed.getsockname()[1]}/dicom-web"
     with pytest.raises(dicomweb.DicomWebError, match="cannot connect to"):
-        dicomweb.study_series(dicomweb.connect(refused), "1.2.3")
+        dicomweb.study_series(dicomweb.connect(refused, attempts=1), "1.2.3")
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        client = dicomweb.connect(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", timeout=0.5)
+        client = dicomweb.connect(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web", timeout=0.5, attempts=2)
         with pytest.raises(dicomweb.DicomWebError, match="did not answer in time"):
             dicomweb.study_series(client, "1.2.3")
 
