@@ -88,9 +88,7 @@ def _algorithm(model_name: str):
 def _equipment(model_name: str) -> dict:
     """The equipment attributes of every object voxlm writes: the model is the device."""
     return dict(manufacturer=MANUFACTURER, manufacturer_model_name=model_label(model_name),
-                software_versions=voxlm_version(),
-                # A model has no serial number: the digest of its name stands in for one (Type 1 in a SEG).
-                device_serial_number=hashlib.sha1(str(model_name).encode()).hexdigest()[:16])
+                software_versions=voxlm_version())
 
 
 def dicom_segmentation(prediction: Prediction, label: str, model_name: str, series_number: int = 9701):
@@ -114,6 +112,7 @@ def dicom_segmentation(prediction: Prediction, label: str, model_name: str, seri
         raise ValueError("The predicted mask is empty: a DICOM Segmentation needs at least one segmented voxel")
     # The source grid is (columns j, rows i, slices k); a SEG's frames are (k, rows i, columns j).
     frames = np.ascontiguousarray(np.transpose(prediction.mask, (2, 1, 0))).astype(bool)
+    # A CodeValue (SH) holds 16 characters; the label itself is the code's meaning.
     target = highdicom.sr.CodedConcept(value=re.sub(r"\W+", "-", label.lower()).strip("-")[:16] or "target",
                                        scheme_designator=PRIVATE_SCHEME, meaning=label)
     description = highdicom.seg.SegmentDescription(
@@ -126,9 +125,10 @@ def dicom_segmentation(prediction: Prediction, label: str, model_name: str, seri
     return highdicom.seg.Segmentation(
         source_images=slices, pixel_array=frames, segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description], series_instance_uid=highdicom.UID(), series_number=series_number,
-        sop_instance_uid=highdicom.UID(), instance_number=1, series_description=f"{MANUFACTURER}: {label}"[:64],
-        content_description="voxlm mask (research use)"[:LONG_STRING], content_label="VOXLM",
-        content_qualification="RESEARCH", **_equipment(model_name),
+        sop_instance_uid=highdicom.UID(), instance_number=1, series_description=f"{MANUFACTURER}: {label}"[:LONG_STRING],
+        content_description="voxlm mask (research use)", content_label="VOXLM", content_qualification="RESEARCH",
+        # A model has no serial number (Type 1 in a SEG): the digest of its name stands in for one.
+        device_serial_number=hashlib.sha1(str(model_name).encode()).hexdigest()[:16], **_equipment(model_name),
     )
 
 
@@ -180,12 +180,10 @@ def dicom_report(prediction: Prediction, question: str, model_name: str, segment
         findings,
     ]
     evidence = list(slices) + ([segmentation] if segmentation is not None else [])
-    equipment = _equipment(model_name)
-    del equipment["device_serial_number"]  # not an attribute of an SR document
     return sr.Comprehensive3DSR(
         evidence=evidence, content=root, series_instance_uid=highdicom.UID(), series_number=series_number,
-        sop_instance_uid=highdicom.UID(), instance_number=1, is_complete=True,
-        series_description=f"{MANUFACTURER} answer"[:LONG_STRING], content_qualification="RESEARCH", **equipment,
+        sop_instance_uid=highdicom.UID(), instance_number=1, is_complete=True, series_description="voxlm answer",
+        content_qualification="RESEARCH", **_equipment(model_name),
     )
 
 
