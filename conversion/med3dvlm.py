@@ -10,15 +10,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-from transformers.dynamic_module_utils import custom_object_save
+from transformers import AutoConfig, AutoTokenizer
 
 from voxlm.model_cards import preprocessing_summary, render_voxlm_card
-from voxlm.modeling import VoxLMForConditionalGeneration
 from voxlm.modeling.convert_dcformer_siglip import MED3DVLM_COMMIT
 from voxlm.modeling.convert_m3d import checkpoint_files
 from voxlm.modeling.convert_med3dvlm import VISION, check_med3dvlm_fields, convert_med3dvlm_state_dict, med3dvlm_config
@@ -27,9 +24,7 @@ from voxlm.processing.processing_voxlm import IMAGE_TOKEN, MED3DVLM_LAYOUTS
 
 from .checkpoints import convert_shards, resolve_source
 from .dcformer_siglip import MED3DVLM_REPOSITORY
-from .m3d import check_converted_keys, read_source_config, source_card_fields
-
-logger = logging.getLogger(__name__)
+from .m3d import read_source_config, source_card_fields, write_converted_voxlm
 
 # Note: Med3DVLM's prompt begins with `<im_patch>` read as text (its splice keeps the first token), so the image
 # placeholders must be another token of the same vocabulary, whose embedding is never read (image features replace
@@ -83,22 +78,9 @@ def convert_med3dvlm(source: str | Path, output_dir: str | Path, settings: dict 
     output_dir = Path(output_dir)
     shapes, skipped = convert_shards(checkpoint_files(folder), output_dir, convert,
                                      metadata={"converted_from": str(source)})
-    if skipped:
-        logger.info("%s: %d weights have no voxlm counterpart and were left out (e.g. %s)", source, len(skipped),
-                    skipped[0])
     config = med3dvlm_config(source_config, vision_shapes, token_ids,
                              shapes["language_model.model.embed_tokens.weight"][0])
-    with torch.device("meta"):  # only its class and config are needed, for the code files and the key check
-        model = VoxLMForConditionalGeneration(config)
-    check_converted_keys(model, shapes, source)
-    custom_object_save(model, output_dir, config=config)
-    config.save_pretrained(output_dir)
-    if (folder / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(folder)
-    else:
-        generation_config = GenerationConfig.from_model_config(config.text_config)
-    generation_config.pad_token_id = token_ids["pad_token_id"]
-    generation_config.save_pretrained(output_dir)
+    write_converted_voxlm(config, shapes, skipped, source, folder, output_dir, token_ids["pad_token_id"])
     processor = VoxLMProcessor(
         image_processor=dcformer_volume_processor(config.vision_config.image_size),
         tokenizer=tokenizer,

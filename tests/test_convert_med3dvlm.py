@@ -3,9 +3,6 @@ converted VoxLM gives Med3DVLM's logits and greedy tokens on the same volume and
 prompt Med3DVLM's model reads, and the folder loads through the Auto classes and `trust_remote_code`."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +19,10 @@ from voxlm.modeling.convert_med3dvlm import convert_mixer_key
 from voxlm.modeling.modeling_dcformer_siglip import DCFormerSiglipVisionModel
 from voxlm.modeling.modeling_voxlm import MixerProjector
 
+from tiny_models import remote_voxlm_outputs
+
 HERE = Path(__file__).parent
 SOURCE = HERE / "med3dvlm" / "med3dvlm"
-USER_SCRIPT = HERE / "remote_code_user.py"
 ATOL = 1e-4
 
 
@@ -126,15 +124,7 @@ def test_folder_loads_without_voxlm_through_remote_code(converted, reference, tm
     folder, model, _ = converted
     volume = tmp_path / "volume.npy"
     np.save(volume, (reference["pixel_values"][0, 0] * 1400 - 1000).numpy())  # Hounsfield-like
-    output = tmp_path / "remote.safetensors"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, str(USER_SCRIPT), "voxlm", str(folder), str(output), reference["question"],
-                           str(volume)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with safe_open(output, "pt") as saved:
-        remote = {name: saved.get_tensor(name) for name in saved.keys()}
-        classes = json.loads(saved.metadata()["texts"])["classes"]
-    assert all(name.startswith("transformers_modules.") for name in classes), classes
+    remote = remote_voxlm_outputs(folder, reference["question"], volume, tmp_path)
     with torch.no_grad():
         expected = model.generate(input_ids=remote["input_ids.0"], pixel_values=remote["pixel_values.0"],
                                   max_new_tokens=8, do_sample=False)

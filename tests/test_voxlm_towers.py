@@ -3,31 +3,29 @@ dual-stream MLP-Mixer) reads two DCFormer stages, and such a model trains throug
 on the phantoms, saves, and reloads through the Auto classes and `trust_remote_code`."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 import voxlm  # noqa: F401
-from voxlm.data import write_phantom_dataset
 from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
 from voxlm.modeling.configuration_dcformer_siglip import DCFormerSiglipVisionConfig
 from voxlm.modeling.modeling_dcformer_siglip import DCFormerSiglipVisionModel
 from voxlm.modeling.modeling_voxlm import MixerProjector
-from voxlm.training import finetune, pretrain_projector
 from voxlm.training.assemble import build_voxlm
-from voxlm.training.mllm import MLLMSettings
-from voxlm.training.settings import load_settings, parse_overrides
 
-from tiny_models import IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_text_config, tiny_voxlm_config
+from tiny_models import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    mllm_settings,
+    remote_voxlm_outputs,
+    run_mllm_stages,
+    tiny_text_config,
+    tiny_voxlm_config,
+)
 
-USER_SCRIPT = Path(__file__).parent / "remote_code_user.py"
 # A 2-stage DCFormer over (8, 32, 32): stem (2, 8, 8) x 8, stage 1 (1, 4, 4) x 8 = 16 tokens, stage 2 (1, 2, 2) x 16.
 TINY_DCFORMER = dict(model_type="dcformer_siglip_vision", image_size=[8, 32, 32], stem_channels=8,
                      stem_kernel_sizes=[3, 3], stage_channels=[8, 16], stage_depths=[1, 1], stage_kernel_sizes=[3, 3])
@@ -106,25 +104,16 @@ def test_mixer_model_forward_gradients_and_exact_reload(tmp_path):
                            model(input_ids=input_ids, pixel_values=pixel_values).logits)
 
 
-def settings(pairs) -> MLLMSettings:
-    return load_settings(MLLMSettings, None, parse_overrides(pairs))
-
-
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixer")
-    write_phantom_dataset(root / "data", num_cases=6, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
-    common = [f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null", "run.max_steps=2",
-              "data.tasks={vqa: 1.0}"]
-    aligned = pretrain_projector.train(settings([*common, *MODEL, f"run.output_dir={root / 'align'}"]))
-    tuned = finetune.train(settings([*common, f"init_from={aligned}", "lora.r=4", "lora.alpha=8",
-                                     f"run.output_dir={root / 'finetune'}"]))
+    aligned, tuned = run_mllm_stages(root, MODEL, num_cases=6, tasks="{vqa: 1.0}")
     return root, aligned, tuned
 
 
 def test_align_trains_the_mixer_only_and_finetune_saves_a_model_that_answers(stages):
     _, aligned, tuned = stages
-    align = settings(MODEL)
+    align = mllm_settings(MODEL)
     before, _ = build_voxlm(align.pretrained, align.model, seed=0)
     after = AutoModel.from_pretrained(aligned)
     assert isinstance(after.vision_tower, DCFormerSiglipVisionModel)
@@ -148,15 +137,7 @@ def test_finetuned_mixer_model_loads_without_voxlm_through_remote_code(stages, t
     folder = tuned / "model"
     volume = tmp_path / "volume.npy"
     np.save(volume, (torch.rand(16, 32, 32) * 1100 - 1000).numpy())  # Hounsfield units
-    output = tmp_path / "remote.safetensors"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, str(USER_SCRIPT), "voxlm", str(folder), str(output), "Is there a bleed?",
-                           str(volume)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with safe_open(output, "pt") as saved:
-        remote = {name: saved.get_tensor(name) for name in saved.keys()}
-        classes = json.loads(saved.metadata()["texts"])["classes"]
-    assert all(name.startswith("transformers_modules.") for name in classes), classes
+    remote = remote_voxlm_outputs(folder, "Is there a bleed?", volume, tmp_path)
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         expected = model.generate(input_ids=remote["input_ids.0"], pixel_values=remote["pixel_values.0"],

@@ -4,6 +4,8 @@ greedy tokens that Med3DVLM's own `VLMQwenForCausalLM` gives for them).
 
     HF_HUB_OFFLINE=1 python tests/med3dvlm/make_med3dvlm.py --med3dvlm /work/src/Med3DVLM
 
+(for files exported from a bare mirror, `GIT_DIR=<the mirror>` lets `git rev-parse` name the commit)
+
 MED3DVLM is a checkout of github mirthAI/Med3DVLM (MIT licence, "for research purposes only"; the commit is saved in
 the reference file's metadata). Its `src/model/llm/qwen.py`, `vlm_arch.py`, `encoder/builder.py`, `encoder/dcformer.py`
 and `projector/mlp.py` run unchanged; the shims, all outside its files, are those of
@@ -30,21 +32,24 @@ transformers 5 passes as `cache` (its `forward` takes `past_key_values` and does
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
-import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).parent
-TINY_CHANNELS = [8, 8, 16, 16, 24]
-TINY_BLOCKS = [1, 1, 2, 1, 1]
+sys.path.insert(0, str(HERE.parent / "dcformer_siglip"))
+from make_dcformer_siglip import (  # noqa: E402
+    TINY_CHANNELS,
+    import_med3dvlm_dcformer,
+    med3dvlm_checkout,
+    randomise,
+)
+
 VOLUME = (32, 64, 96)  # (D, H, W)
 LOW_OUTPUT_SIZE, HIGH_OUTPUT_SIZE = [5, 4], [3, 4]
 QUESTION = "What is the abnormality in the liver?"
@@ -60,19 +65,8 @@ QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
 
 def import_med3dvlm_qwen(root: Path):
     """Med3DVLM's `src.model.llm.qwen`, with a stub `timm.layers` and `decomp_small` at the tiny widths."""
-    layers = types.ModuleType("timm.layers")
-    layers.DropPath = torch.nn.Dropout  # never built: drop_path is 0
-    layers.to_3tuple = lambda x: (x, x, x)
-    layers.trunc_normal_ = torch.nn.init.trunc_normal_
-    sys.modules["timm"] = types.ModuleType("timm")
-    sys.modules["timm.layers"] = layers
-    sys.path.insert(0, str(root))
-    dcformer = importlib.import_module("src.model.encoder.dcformer")
+    _, decomp_tiny = import_med3dvlm_dcformer(root)
     builder = importlib.import_module("src.model.encoder.builder")
-
-    def decomp_tiny(input_size):
-        return dcformer.DecompModel(input_size=input_size, num_blocks=TINY_BLOCKS, channels=TINY_CHANNELS)
-
     builder.decomp_small = decomp_tiny
     # vlm_arch.py nests double quotes in an f-string (`f"{keyword}.{k.split(keyword + ".")[2]}"`), which only
     # Python >= 3.12 parses; that line is in a branch never taken here, and is loaded with single inner quotes.
@@ -106,20 +100,6 @@ def tiny_qwen_tokenizer(folder: Path):
     return tokenizer
 
 
-def randomise(model: torch.nn.Module) -> None:
-    """Seeded noise on every parameter and BatchNorm statistic; layer scales of order 1."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(".scale"):
-                parameter.copy_(0.5 * torch.randn_like(parameter))
-            else:
-                parameter.add_(0.05 * torch.randn_like(parameter))
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm3d):
-                module.running_mean.copy_(0.1 * torch.randn_like(module.running_mean))
-                module.running_var.copy_(torch.empty_like(module.running_var).uniform_(0.5, 1.5))
-
-
 def stage_shape(index: int) -> tuple[int, int]:
     """(tokens, channels) of DecompModel's output `index` at VOLUME: the stem strides by 4, each stage by 2."""
     grid = [-(-size // 4) for size in VOLUME]
@@ -141,12 +121,8 @@ def greedy(model, input_ids: torch.Tensor, images: torch.Tensor, steps: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--med3dvlm", required=True, help="checkout of mirthAI/Med3DVLM")
-    args = parser.parse_args()
-    commit = subprocess.run(["git", "-C", args.med3dvlm, "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "cbbd6335a64370f829710a1412e46afc68f243ff"
-    qwen = import_med3dvlm_qwen(Path(args.med3dvlm))
+    root, commit = med3dvlm_checkout(__doc__.splitlines()[0])
+    qwen = import_med3dvlm_qwen(Path(root))
     torch.manual_seed(0)
     release = HERE / "med3dvlm"
     with tempfile.TemporaryDirectory() as scratch:
