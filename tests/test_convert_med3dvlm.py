@@ -19,7 +19,7 @@ from voxlm.modeling.convert_med3dvlm import convert_mixer_key
 from voxlm.modeling.modeling_dcformer_siglip import DCFormerSiglipVisionModel
 from voxlm.modeling.modeling_voxlm import MixerProjector
 
-from tiny_models import remote_voxlm_outputs
+from tiny_models import mllm_settings, remote_voxlm_outputs
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "med3dvlm" / "med3dvlm"
@@ -130,3 +130,21 @@ def test_folder_loads_without_voxlm_through_remote_code(converted, reference, tm
                                   max_new_tokens=8, do_sample=False)
     assert torch.equal(remote["generated.0"], expected)
     assert remote["input_ids.0"][0, 0] == reference["input_ids"][0, 0]  # `<im_patch>` as text, as Med3DVLM's
+
+
+def test_converted_model_answers_through_predict_and_finetunes_with_voxlm_stages(converted, tmp_path):
+    from voxlm.data import write_phantom_dataset
+    from voxlm.inference import predict
+    from voxlm.training import finetune
+
+    folder, model, processor = converted
+    volume = np.random.default_rng(1).uniform(-1000, 400, (20, 40, 60)).astype(np.float32)
+    prediction = predict(volume, "Is there a lesion?", model, processor, max_new_tokens=3)
+    assert isinstance(prediction.text, str) and prediction.mask is None
+    write_phantom_dataset(tmp_path / "data", num_cases=4, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
+    tuned = finetune.train(mllm_settings([f"data.path={tmp_path / 'data'}", "run.batch_size=2", "run.tracker=null",
+                                          "run.max_steps=2", "data.tasks={vqa: 1.0}", f"init_from={folder}",
+                                          "lora.r=4", "lora.alpha=8", f"run.output_dir={tmp_path / 'finetune'}"]))
+    again = AutoModel.from_pretrained(tuned / "model").eval()
+    assert again.config.projector_type == "mixer"
+    assert AutoProcessor.from_pretrained(tuned / "model").prompt_layout == "med3dvlm_caption"

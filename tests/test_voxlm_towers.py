@@ -3,6 +3,7 @@ dual-stream MLP-Mixer) reads two DCFormer stages, and such a model trains throug
 on the phantoms, saves, and reloads through the Auto classes and `trust_remote_code`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,20 @@ def test_finetuned_mixer_model_loads_without_voxlm_through_remote_code(stages, t
         expected = model.generate(input_ids=remote["input_ids.0"], pixel_values=remote["pixel_values.0"],
                                   max_new_tokens=8, do_sample=False)
     assert torch.equal(remote["generated.0"], expected)
+
+
+def test_a_converted_dcformer_siglip_image_tower_starts_a_mixer_voxlm(tmp_path):
+    """`pretrained.vision=` a converted DCFormer-SigLIP folder: its image tower, weights included, under the mixer."""
+    from voxlm.conversion import convert_dcformer_siglip
+    from voxlm.training.assemble import PretrainedParts
+
+    source = Path(__file__).parent / "dcformer_siglip" / "dcformer_siglip"
+    folder = convert_dcformer_siglip(source, tmp_path / "dcformer-siglip", {"text_config": {"n_heads": 4}})
+    model, processor = build_voxlm(PretrainedParts(llm="tiny-llama", vision=str(folder)),
+                                   {"projector_type": "mixer", "mixer_num_tokens": [[4, 3], [2, 3]]})
+    tower = AutoModel.from_pretrained(folder).vision_model
+    assert all(torch.equal(value, tower.state_dict()[key]) for key, value in model.vision_tower.state_dict().items())
+    inputs = processor(images=[torch.rand(16, 32, 96) * 1100 - 1000], text=["Is there a bleed?"])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 6
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
