@@ -20,10 +20,13 @@ from voxlm.training.assemble import build_voxlm
 from tiny_models import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
+    SEG_TOKEN_ID,
     mllm_settings,
     remote_voxlm_outputs,
     run_mllm_stages,
+    tiny_segvol_config,
     tiny_text_config,
+    tiny_vision_config,
     tiny_voxlm_config,
 )
 
@@ -103,6 +106,20 @@ def test_mixer_model_forward_gradients_and_exact_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=input_ids, pixel_values=pixel_values).logits,
                            model(input_ids=input_ids, pixel_values=pixel_values).logits)
+
+
+def test_segvol_head_reads_the_volume_under_any_tower():
+    """voxlm's own head decodes VoxViT patch tokens (refused above); SegVol runs its own ViT over the volume."""
+    segvol = tiny_segvol_config(image_encoder_config=tiny_vision_config(num_hidden_layers=1, image_size=(8, 32, 32),
+                                                                         patch_size=(2, 8, 8)).to_dict())
+    torch.manual_seed(0)
+    model = VoxLMForConditionalGeneration(tiny_mixer_config(seg_config=segvol, seg_token_id=SEG_TOKEN_ID))
+    input_ids = torch.tensor([[1, *[IMAGE_TOKEN_ID] * 8, 10, SEG_TOKEN_ID, 12]] * 2)
+    output = model(input_ids=input_ids, pixel_values=torch.rand(2, 1, 8, 32, 32), labels=input_ids,
+                   seg_masks=(torch.rand(2, 1, 8, 32, 32) > 0.5).float())
+    assert output.seg_logits.shape == (2, 1, 8, 32, 32) and torch.isfinite(output.seg_dice_loss)
+    output.loss.backward()
+    assert model.seg_head.prompt_projector[0].weight.grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")
