@@ -100,6 +100,9 @@ def write_med3dvlm_card(output_dir: Path, source, config, processor, shapes) -> 
     card = render_voxlm_card(
         Path(output_dir).name,
         [],
+        summary=("Med3DVLM (mirthAI/Med3DVLM) as a VoxLM, converted by `voxlm convert med3dvlm`: a DCFormer 3D "
+                 "encoder, a dual-stream MLP-Mixer projector over its last two stages and a Qwen2 language model; "
+                 "trained by its authors on M3D-Data (weights unchanged)."),
         vision_source=f"Med3DVLM's DCFormer (stem {vision.stem_channels}, stages {list(vision.stage_channels)}), "
         f"converted from `{source}`",
         llm_source=f"Qwen2 ({config.text_config.hidden_size} wide, {config.text_config.num_hidden_layers} layers), "
@@ -113,8 +116,7 @@ def write_med3dvlm_card(output_dir: Path, source, config, processor, shapes) -> 
                 "splice overwrites; no chat template)"),
         limits=(f"Med3DVLM's code is MIT-licensed and, in its authors' words, \"only for research purposes\" "
                 f"({MED3DVLM_REPOSITORY}, LICENSE and README); the weights carry the licence of their Hub "
-                f"repository's card ({source}), which the conversion could not read offline: check it before reuse. "
-                "Not for clinical decision-making."),
+                f"repository's card ({source}), which the conversion could not read offline: check it before reuse."),
         preprocessing=preprocessing_summary(processor.image_processor),
         memory=f"{parameters / 1e6:.1f} M parameters (in the source's dtype)",
         repo_or_path=str(output_dir),
