@@ -41,7 +41,7 @@ COMMANDS = {
     "classify": Command("voxlm.commands.classify",
                         "zero-shot classification of a volume over free-text labels (VoxCLIP)"),
     "convert": Command("voxlm.conversion.cli", "convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, "
-                       "DCFormer-SigLIP, Merlin) into a voxlm folder"),
+                       "DCFormer-SigLIP, Med3DVLM, Merlin) into a voxlm folder"),
 }
 # `voxlm train STAGE`
 TRAINING_STAGES = {

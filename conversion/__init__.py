@@ -10,7 +10,8 @@ from .colipri import convert_colipri
 from .dcformer_siglip import convert_dcformer_siglip
 from .hlip import convert_hlip
 from .m3d import convert_m3d_clip, convert_m3d_lamed
+from .med3dvlm import convert_med3dvlm
 from .merlin import convert_merlin
 
 __all__ = ["checkpoint_files", "convert_colipri", "convert_dcformer_siglip", "convert_hlip", "convert_m3d_clip",
-           "convert_m3d_lamed", "convert_merlin", "convert_shards", "resolve_source"]
+           "convert_m3d_lamed", "convert_med3dvlm", "convert_merlin", "convert_shards", "resolve_source"]

@@ -19,12 +19,14 @@ CONVERTERS = {
     "merlin": "Merlin (stanfordmimi/Merlin, with yikuan8/Clinical-Longformer's config and tokenizer); --config: "
               "checkpoint / text_encoder (a folder or Hub id) / max_length",
     "dcformer-siglip": "Med3DVLM's DCFormer-SigLIP (MagicXin/DCFormer_SigLIP); --config: input_size / text_config",
+    "med3dvlm": "Med3DVLM (MagicXin/Med3DVLM-Qwen-2.5-7B): DCFormer, MLP-Mixer projector, Qwen2.5; --config: "
+                "prompt_layout ('med3dvlm' for its VQA prompts, 'med3dvlm_caption' for captions)",
 }
 
 # kind -> its function in voxlm.conversion
 CONVERTER_FUNCTIONS = {"m3d-lamed": "convert_m3d_lamed", "m3d-clip": "convert_m3d_clip", "colipri": "convert_colipri",
                        "hlip": "convert_hlip", "merlin": "convert_merlin",
-                       "dcformer-siglip": "convert_dcformer_siglip"}
+                       "dcformer-siglip": "convert_dcformer_siglip", "med3dvlm": "convert_med3dvlm"}
 
 
 def run(args) -> Path:
@@ -43,7 +45,8 @@ def run(args) -> Path:
 def add_parser(subparsers) -> None:
     """Register `convert` with the `voxlm` command."""
     parser = subparsers.add_parser(
-        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, DCFormer-SigLIP, Merlin) "
+        "convert", help="convert a released checkpoint (M3D-LaMed, M3D-CLIP, COLIPRI, HLIP, DCFormer-SigLIP, Med3DVLM, "
+        "Merlin) "
         "into a voxlm folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a released checkpoint into a voxlm folder (weights shard by shard, config, processor "

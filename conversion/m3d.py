@@ -100,22 +100,8 @@ def convert_m3d_lamed(source: str | Path, output_dir: str | Path, constants: dic
     output_dir = Path(output_dir)
     shapes, skipped = convert_shards(checkpoint_files(folder), output_dir, convert_m3d_lamed_state_dict,
                                      metadata={"converted_from": str(source)})
-    if skipped:
-        logger.info("%s: %d weights have no voxlm counterpart and were left out (e.g. %s)", source, len(skipped),
-                    skipped[0])
     config = m3d_lamed_config(m3d_config, shapes, token_ids, constants)
-    # Built on the meta device: only its class and config are needed, to write the code files and check the keys.
-    with torch.device("meta"):
-        model = VoxLMForConditionalGeneration(config)
-    check_converted_keys(model, shapes, source)
-    custom_object_save(model, output_dir, config=config)
-    config.save_pretrained(output_dir)
-    if (folder / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(folder)
-    else:
-        generation_config = GenerationConfig.from_model_config(config.text_config)
-    generation_config.pad_token_id = token_ids["pad_token_id"]
-    generation_config.save_pretrained(output_dir)
+    write_converted_voxlm(config, shapes, skipped, source, folder, output_dir, token_ids["pad_token_id"])
     processor = VoxLMProcessor(
         image_processor=m3d_volume_processor(config.vision_config.image_size),
         tokenizer=tokenizer,
@@ -125,6 +111,28 @@ def convert_m3d_lamed(source: str | Path, output_dir: str | Path, constants: dic
     processor.save_pretrained(output_dir)
     write_m3d_lamed_card(output_dir, source, config, processor, shapes)
     return output_dir
+
+
+def write_converted_voxlm(config, shapes: dict[str, tuple[int, ...]], skipped: list[str], source, source_folder: Path,
+                          output_dir: Path, pad_token_id: int | None) -> None:
+    """Beside the weights `convert_shards` wrote: check that they fill the model of `config` exactly (`ValueError`
+    naming the keys otherwise), then write voxlm's code (for `trust_remote_code`), the config, and the source's
+    generation config (or one from the LLM's config) with the pad token."""
+    if skipped:
+        logger.info("%s: %d weights have no voxlm counterpart and were left out (e.g. %s)", source, len(skipped),
+                    skipped[0])
+    # Built on the meta device: only its class and config are needed, to write the code files and check the keys.
+    with torch.device("meta"):
+        model = VoxLMForConditionalGeneration(config)
+    check_converted_keys(model, shapes, source)
+    custom_object_save(model, output_dir, config=config)
+    config.save_pretrained(output_dir)
+    if (source_folder / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(source_folder)
+    else:
+        generation_config = GenerationConfig.from_model_config(model.config.text_config)
+    generation_config.pad_token_id = pad_token_id
+    generation_config.save_pretrained(output_dir)
 
 
 def check_converted_keys(model, shapes: dict[str, tuple[int, ...]], source) -> None:

@@ -64,6 +64,12 @@ def _render(template: str, model_name: str, results: list[dict], card_data: dict
                                    results_table=table, **fields)
 
 
+VOXLM_SUMMARY = (
+    "A VoxLM (M3D-LaMed architecture, built with the `voxlm` package): a 3D ViT encoder, a\n"
+    "spatial-pooling projector, a causal LLM and a `[SEG]`-driven 3D mask decoder."
+)
+
+
 def render_voxlm_card(model_name: str, results: list[dict], **fields) -> ModelCard:
     """A VoxLM model card with `model-index` entries for each result.
 
@@ -71,8 +77,10 @@ def render_voxlm_card(model_name: str, results: list[dict], **fields) -> ModelCa
         model_name (`str`): the card title and `model-index` name.
         results (`list[dict]`): measured results (see `results_table`).
         **fields: `vision_source`, `llm_source`, `data_source`, `stages`, `limits`, `preprocessing`, `memory`,
-            `repo_or_path`, `base_model`, and optionally `license` / `license_name` (default: apache-2.0).
+            `repo_or_path`, `base_model`, and optionally `summary` (what the model is: M3D-LaMed's architecture by
+            default; a converted model's names its own) and `license` / `license_name` (default: apache-2.0).
     """
+    fields.setdefault("summary", VOXLM_SUMMARY)
     card_data = dict(library_name="transformers", pipeline_tag="image-text-to-text", tags=[*TAGS, "m3d-lamed"],
                      base_model=fields.pop("base_model", None))
     return _render("voxlm.md", model_name, results, card_data, fields)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from .configuration_voxlm import auto_text_config
-from .configuration_voxvit import VoxConfig
+from .configuration_voxvit import VoxConfig, auto_text_config
 
 COLIPRI_AUTO_MAP = {"AutoConfig": "configuration_colipri.ColipriConfig", "AutoModel": "modeling_colipri.ColipriModel"}
 COLIPRI_VISION_AUTO_MAP = {"AutoConfig": "configuration_colipri.ColipriVisionConfig",

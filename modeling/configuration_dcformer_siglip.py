@@ -7,7 +7,8 @@ import math
 
 from transformers import PretrainedConfig
 
-from .configuration_voxlm import auto_text_config
+from .configuration_voxvit import auto_text_config
+
 
 
 def _check_positive_ints(config: PretrainedConfig, names: tuple[str, ...]) -> None:
@@ -106,6 +107,19 @@ class DCFormerSiglipVisionConfig(PretrainedConfig):
     def downsampling(self) -> int:
         """How many voxels per axis one last-stage token spans (64 for the release)."""
         return self.stem_stride * 2 ** len(self.stage_channels)
+
+    @property
+    def hidden_state_shapes(self) -> list[tuple[int, int]]:
+        """`(N_i, C_i)` of each of `hidden_states` (the stem's, then every stage's) at `image_size`: what a
+        multi-scale projector is sized by (`[..., (256, 384), (32, 768)]` for the release at 128 x 256 x 256).
+
+        The stem's strided convolution and each stage's 3 x 3 x 3 max-pool (stride 2, padding 1) both round up."""
+        grid = [-(-size // self.stem_stride) for size in self.image_size]
+        shapes = [(math.prod(grid), self.stem_channels)]
+        for channels in self.stage_channels:
+            grid = [-(-size // 2) for size in grid]
+            shapes.append((math.prod(grid), channels))
+        return shapes
 
 
 class DCFormerSiglipConfig(PretrainedConfig):

@@ -7,8 +7,7 @@ import math
 
 from transformers import AutoConfig
 
-from .configuration_voxlm import auto_text_config
-from .configuration_voxvit import VoxConfig
+from .configuration_voxvit import VoxConfig, auto_text_config
 
 ATTENTION_LEVELS = ("slice", "scan", "study")
 HLIP_AUTO_MAP = {"AutoConfig": "configuration_hlip.HLIPConfig", "AutoModel": "modeling_hlip.HLIPModel"}

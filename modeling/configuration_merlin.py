@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from .configuration_voxlm import auto_text_config
-from .configuration_voxvit import VoxConfig
+from .configuration_voxvit import VoxConfig, auto_text_config
 
 MERLIN_AUTO_MAP = {"AutoConfig": "configuration_merlin.MerlinConfig", "AutoModel": "modeling_merlin.MerlinModel"}
 MERLIN_VISION_AUTO_MAP = {"AutoConfig": "configuration_merlin.MerlinVisionConfig",

@@ -6,8 +6,7 @@ import math
 
 from transformers import AutoConfig
 
-from .configuration_voxlm import auto_text_config
-from .configuration_voxvit import VoxConfig, VoxViTConfig
+from .configuration_voxvit import VoxConfig, VoxViTConfig, auto_text_config
 from .vision_towers import vision_tower_config
 
 CONTRASTIVE_LOSSES = ("infonce", "siglip")

@@ -1,4 +1,5 @@
-"""Configuration of VoxLM (M3D-LaMed): VoxViT -> spatial-pooling projector -> any causal LM -> `[SEG]` mask decoder."""
+"""Configuration of VoxLM (M3D-LaMed, Med3DVLM): any voxlm vision tower -> a projector -> any causal LM -> `[SEG]` mask
+decoder."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configuration_voxvit import VoxConfig, VoxViTConfig, as_triple
+from .configuration_voxvit import VoxConfig, VoxViTConfig, as_triple, auto_text_config
+from .vision_towers import vision_tower_config
 
-PROJECTOR_TYPES = ("spp", "linear")
+PROJECTOR_TYPES = ("spp", "linear", "mixer")
 VOXLM_AUTO_MAP = {
     "AutoConfig": "configuration_voxlm.VoxLMConfig",
     "AutoModel": "modeling_voxlm.VoxLMForConditionalGeneration",
@@ -22,18 +24,6 @@ VOXLM_CUSTOM_PIPELINES = {
         "impl": "pipeline_voxlm.VoxLMPipeline", "pt": ["AutoModelForImageTextToText"], "type": "multimodal",
     }
 }
-
-
-def auto_text_config(text_config, default_model_type: str, examples: str) -> PretrainedConfig:
-    """A sub-config given as a config, a dict with its `model_type`, or `None` (the default model type's defaults)."""
-    if text_config is None:
-        return AutoConfig.for_model(default_model_type)
-    if isinstance(text_config, dict):
-        if "model_type" not in text_config:
-            raise ValueError(f"`text_config` given as a dict needs a `model_type` (e.g. {examples})")
-        text_config = dict(text_config)
-        return AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-    return text_config
 
 
 SEG_HEAD_TYPES = ("voxseg", "segvol")
@@ -158,17 +148,31 @@ class VoxLMConfig(VoxConfig):
     Llama-2-7B-sized language model.
 
     Args:
-        vision_config (`VoxViTConfig` or `dict`, *optional*):
-            The encoder; defaults to `VoxViTConfig()`.
+        vision_config (`PretrainedConfig` or `dict`, *optional*):
+            The encoder: any tower of `voxlm.modeling.vision_towers.VISION_TOWERS`, named by its `model_type` (a dict
+            without one is a VoxViT, as saved VoxLMs hold); defaults to `VoxViTConfig()`. `spp` and `linear` read
+            VoxViT patch tokens; `mixer` reads stages of a tower that gives their shapes (`hidden_state_shapes`,
+            e.g. the DCFormer).
         text_config (`PretrainedConfig` or `dict`, *optional*):
             Any causal LM config (Llama, Phi-3, Qwen2, ...); a dict needs its `model_type`. Defaults to `LlamaConfig()`.
         seg_config (`VoxSegConfig` or `dict`, *optional*):
             The `[SEG]` mask decoder; `None` builds the model without one.
         projector_type (`str`, *optional*, defaults to `"spp"`):
             `"spp"`: M3D's spatial pooling projector (avg_pool3d over the patch grid, then Linear-GELU-Linear);
-            `"linear"`: one Linear per patch token, no pooling.
+            `"linear"`: one Linear per patch token, no pooling; `"mixer"`: Med3DVLM's dual-stream MLP-Mixer, which
+            mixes each of the tower's `vision_feature_layers` (tokens, then channels) into `mixer_num_tokens` tokens
+            of the LLM width and concatenates the streams.
         pooling_size (`int` or `tuple[int, int, int]`, *optional*, defaults to 2):
             Pooling kernel and stride over the `(D', H', W')` patch grid (`spp` only).
+        vision_feature_layers (`tuple[int, ...]`, *optional*, defaults to `(-2, -1)`):
+            `mixer` only: which of the tower's `hidden_states` feed the streams, one stream each (Med3DVLM's
+            `vision_select_layer=-2`: the last two DCFormer stages).
+        mixer_num_tokens (`tuple[tuple[int, ...], ...]`, *optional*, defaults to `((192, 128), (64, 128))`):
+            `mixer` only: per stream, the token count after each mixer layer (Med3DVLM's `low_output_size` and
+            `high_output_size`); every stream has the same number of layers, and the last counts add up to
+            `num_image_tokens` (256). Layer `i` of `L` widens the channels to `E_llm / 2^(L - 1 - i)`.
+        mixer_mlp_depth (`int`, *optional*, defaults to 2):
+            `mixer` only: Linear layers (GELU between) of each token and channel MLP (Med3DVLM's `mm_mlp_depth`).
         image_token_id (`int`, *optional*):
             Id of `<im_patch>`; image features replace these tokens.
         seg_token_id (`int`, *optional*):
@@ -189,7 +193,7 @@ class VoxLMConfig(VoxConfig):
     """
 
     model_type = "voxlm"
-    sub_configs = {"vision_config": VoxViTConfig, "text_config": AutoConfig, "seg_config": VoxSegConfig}
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig, "seg_config": VoxSegConfig}
 
     def __init__(
         self,
@@ -198,6 +202,9 @@ class VoxLMConfig(VoxConfig):
         seg_config=None,
         projector_type: str = "spp",
         pooling_size=2,
+        vision_feature_layers=(-2, -1),
+        mixer_num_tokens=((192, 128), (64, 128)),
+        mixer_mlp_depth: int = 2,
         image_token_id: int | None = None,
         seg_token_id: int | None = None,
         box_start_token_id: int | None = None,
@@ -206,15 +213,16 @@ class VoxLMConfig(VoxConfig):
         pooled_image_token: bool = False,
         **kwargs,
     ):
-        if isinstance(vision_config, dict):
-            vision_config = VoxViTConfig(**vision_config)
-        self.vision_config = vision_config if vision_config is not None else VoxViTConfig()
+        self.vision_config = vision_tower_config(vision_config)
         self.text_config = auto_text_config(text_config, "llama", "'llama', 'phi3', 'qwen2'")
         if isinstance(seg_config, dict):
             seg_config = VoxSegConfig(**seg_config)
         self.seg_config = seg_config
         self.projector_type = projector_type
         self.pooling_size = list(as_triple(pooling_size, "pooling_size"))
+        self.vision_feature_layers = list(vision_feature_layers)
+        self.mixer_num_tokens = [list(counts) for counts in mixer_num_tokens]
+        self.mixer_mlp_depth = mixer_mlp_depth
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.box_start_token_id = box_start_token_id
@@ -237,6 +245,9 @@ class VoxLMConfig(VoxConfig):
                 f"`text_config` ({type(self.text_config).__name__}) has no `hidden_size`: it is not a causal LM "
                 "config voxlm can project image features into"
             )
+        self.validate_vision_tower()
+        if self.projector_type == "mixer":
+            self.validate_mixer()
         if self.projector_type == "spp":
             for axis, (grid, pool) in enumerate(zip(self.vision_config.grid_size, self.pooling_size)):
                 if pool <= 0 or grid % pool != 0:
@@ -255,15 +266,60 @@ class VoxLMConfig(VoxConfig):
                 )
         self.validate_study()
 
+    @property
+    def reads_patch_tokens(self) -> bool:
+        """Whether the tower is a VoxViT, whose CLS-less patch tokens `spp`, `linear` and the `voxseg` head read."""
+        return self.vision_config.model_type == VoxViTConfig.model_type
+
+    def validate_vision_tower(self):
+        """Raise `ValueError` naming the field when a part needs VoxViT patch tokens and the tower gives none."""
+        tower = self.vision_config.model_type
+        if self.reads_patch_tokens:
+            return
+        if self.projector_type != "mixer":
+            raise ValueError(f"`projector_type` {self.projector_type!r} reads VoxViT patch tokens; the "
+                             f"{tower!r} tower (`vision_config.model_type`) needs projector_type='mixer'")
+        if self.pooled_image_token:
+            raise ValueError(f"`pooled_image_token` projects a VoxViT volume embedding; the {tower!r} tower has none")
+        if self.seg_config is not None and self.seg_config.head_type == "voxseg":
+            raise ValueError(f"seg_config: head_type='voxseg' decodes VoxViT patch tokens; with the {tower!r} tower "
+                             "use head_type='segvol' (its own ViT over the volume) or no seg_config")
+
+    def validate_mixer(self):
+        """Raise `ValueError` naming the field when the mixer's streams do not fit the tower or the LLM width."""
+        shapes = getattr(self.vision_config, "hidden_state_shapes", None)
+        if shapes is None:
+            raise ValueError(f"projector_type='mixer' needs the stage shapes of its tower; the "
+                             f"{self.vision_config.model_type!r} tower (`vision_config.model_type`) gives none")
+        layers, counts = self.vision_feature_layers, self.mixer_num_tokens
+        if any(not -len(shapes) <= layer < len(shapes) for layer in layers):
+            raise ValueError(f"`vision_feature_layers` {layers} index the tower's {len(shapes)} hidden states")
+        depths = {len(stream) for stream in counts}
+        if len(counts) != len(layers) or len(depths) != 1 or 0 in depths:
+            raise ValueError(f"`mixer_num_tokens` {counts} needs one non-empty list per `vision_feature_layers` entry "
+                             f"({len(layers)}), all of one length")
+        if any(count < 1 for stream in counts for count in stream) or self.mixer_mlp_depth < 1:
+            raise ValueError("`mixer_num_tokens` and `mixer_mlp_depth` must be positive")
+        divisor = 2 ** (depths.pop() - 1)
+        if self.text_config.hidden_size % divisor != 0:
+            raise ValueError(f"the mixer halves the LLM width per earlier layer: `text_config.hidden_size` "
+                             f"({self.text_config.hidden_size}) must be divisible by {divisor}")
+
+    @property
+    def mixer_stream_shapes(self) -> list[tuple[int, int]]:
+        """`(N_i, C_i)` of the tower's hidden states that feed the mixer's streams (`vision_feature_layers`)."""
+        shapes = self.vision_config.hidden_state_shapes
+        return [tuple(shapes[layer]) for layer in self.vision_feature_layers]
+
     def validate_study(self):
         """Raise `ValueError` naming `max_study_scans` when the encoder or the LLM context cannot take that many."""
         scans = self.max_study_scans
         if not isinstance(scans, int) or isinstance(scans, bool) or scans < 1:
             raise ValueError(f"`max_study_scans` must be an int >= 1, got {scans!r}")
-        if scans > self.vision_config.max_scans:
+        if scans > getattr(self.vision_config, "max_scans", 1):
             raise ValueError(
                 f"`max_study_scans` ({scans}) exceeds the scans the encoder takes (`vision_config.max_scans` = "
-                f"{self.vision_config.max_scans})"
+                f"{getattr(self.vision_config, 'max_scans', 1)})"
             )
         context = getattr(self.text_config, "max_position_embeddings", None)
         if scans > 1 and context is not None and self.max_image_tokens >= context:
@@ -285,7 +341,8 @@ class VoxLMConfig(VoxConfig):
 
     @property
     def image_grid_size(self) -> tuple[int, int, int]:
-        """The grid of image tokens the LLM sees: the patch grid, pooled for `spp`."""
+        """The grid of image tokens the LLM sees: the patch grid, pooled for `spp` (VoxViT towers only; the mixer's
+        tokens form no grid)."""
         grid = self.vision_config.grid_size
         if self.projector_type == "spp":
             return tuple(g // p for g, p in zip(grid, self.pooling_size))
@@ -295,6 +352,8 @@ class VoxLMConfig(VoxConfig):
     def num_image_tokens(self) -> int:
         """How many `<im_patch>` tokens a prompt holds per volume (256 for the defaults, one more with
         `pooled_image_token`)."""
+        if self.projector_type == "mixer":
+            return sum(stream[-1] for stream in self.mixer_num_tokens)
         return math.prod(self.image_grid_size) + int(self.pooled_image_token)
 
     def num_study_image_tokens(self, num_scans: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 VOXVIT_AUTO_MAP = {"AutoConfig": "configuration_voxvit.VoxViTConfig", "AutoModel": "modeling_voxvit.VoxViTModel"}
 
@@ -61,6 +61,18 @@ class VoxConfig(PretrainedConfig):
         config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs) on request
         config.validate_architecture()
         return loaded
+
+
+def auto_text_config(text_config, default_model_type: str, examples: str) -> PretrainedConfig:
+    """A sub-config given as a config, a dict with its `model_type`, or `None` (the default model type's defaults)."""
+    if text_config is None:
+        return AutoConfig.for_model(default_model_type)
+    if isinstance(text_config, dict):
+        if "model_type" not in text_config:
+            raise ValueError(f"`text_config` given as a dict needs a `model_type` (e.g. {examples})")
+        text_config = dict(text_config)
+        return AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+    return text_config
 
 
 class VoxViTConfig(VoxConfig):

@@ -62,23 +62,26 @@ def require(state_dict: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state_dict[key].shape)
 
 
-def dcformer_config_from_weights(state_dict: dict[str, torch.Tensor], input_size) -> dict:
-    """`DCFormerSiglipVisionConfig` fields read from the weight shapes (`input_size` is Med3DVLM's (H, W, D))."""
-    stem = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(VISION)}s0\.0\.(\d+)\.", k))})
-    first = require(state_dict, f"{VISION}s0.0.0.c1.0.weight")  # (C_stem, C_in, k, 1, 1)
-    stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(VISION)}s([1-9])\.", k))})
+def dcformer_config_from_weights(state_dict: dict[str, torch.Tensor], input_size, prefix: str = VISION) -> dict:
+    """`DCFormerSiglipVisionConfig` fields read from the weight shapes of a Med3DVLM `DecompModel.encoder` under
+    `prefix` (DEC_CLIP's `vision_encoder.encoder.`, the VLM's `model.vision_tower.vision_tower.encoder.`);
+    `input_size` is Med3DVLM's (H, W, D)."""
+    escaped = re.escape(prefix)
+    stem = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{escaped}s0\.0\.(\d+)\.", k))})
+    first = require(state_dict, f"{prefix}s0.0.0.c1.0.weight")  # (C_stem, C_in, k, 1, 1)
+    stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{escaped}s([1-9])\.", k))})
     channels, depths, kernels = [], [], []
     for stage in stages:
-        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(VISION)}s{stage}\.(\d+)\.", k))}
-        shape = require(state_dict, f"{VISION}s{stage}.0.dwconv.c1.0.weight")  # (C, 1, k, 1, 1)
-        hidden = require(state_dict, f"{VISION}s{stage}.0.mlp.mlp.0.weight")  # (C * ratio, C)
+        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{escaped}s{stage}\.(\d+)\.", k))}
+        shape = require(state_dict, f"{prefix}s{stage}.0.dwconv.c1.0.weight")  # (C, 1, k, 1, 1)
+        hidden = require(state_dict, f"{prefix}s{stage}.0.mlp.mlp.0.weight")  # (C * ratio, C)
         channels.append(shape[0])
         depths.append(max(blocks) + 1)
         kernels.append(shape[2])
     height, width, depth = input_size
     return dict(
         num_channels=first[1], image_size=(depth, height, width), stem_channels=first[0],
-        stem_kernel_sizes=[require(state_dict, f"{VISION}s0.0.{i}.c1.0.weight")[2] for i in stem],
+        stem_kernel_sizes=[require(state_dict, f"{prefix}s0.0.{i}.c1.0.weight")[2] for i in stem],
         stage_channels=channels, stage_depths=depths, stage_kernel_sizes=kernels, mlp_ratio=hidden[0] // hidden[1],
     )
 
@@ -132,15 +135,17 @@ def dcformer_siglip_config(source_config: dict, state_dict: dict[str, torch.Tens
     )
 
 
-def convert_vision_key(key: str) -> str:
-    """A `vision_encoder.encoder.*` key -> its `vision_model.*` key."""
-    key = key[len(VISION):]
+def convert_dcformer_weight(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A weight of Med3DVLM's `DecompModel.encoder` (its key after the `encoder.`) -> its key in
+    `DCFormerSiglipVisionModel` and the tensor, convolution kernels' spatial axes from Med3DVLM's (H, W, D) layout to
+    (D, H, W)."""
     key = re.sub(r"^s0\.0\.(\d+)\.", r"stem.\1.", key)
     key = re.sub(r"^s([1-9])\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
     key = re.sub(r"c([123])\.0\.", lambda m: f"conv_{AXES[m.group(1)]}.", key)
     key = re.sub(r"c([123])\.1\.", lambda m: f"norm_{AXES[m.group(1)]}.", key)
     key = key.replace("mlp.mlp.0.", "mlp.fc1.").replace("mlp.mlp.3.", "mlp.fc2.")
-    return "vision_model." + re.sub(r"\.scale$", ".layer_scale", key)
+    value = value.permute(0, 1, 4, 2, 3) if value.dim() == 5 else value  # (O, I, H, W, D) -> (O, I, D, H, W)
+    return re.sub(r"\.scale$", ".layer_scale", key), value
 
 
 def convert_dcformer_siglip_state_dict(
@@ -162,8 +167,8 @@ def convert_dcformer_siglip_state_dict(
     converted, skipped = {}, []
     for key, value in state_dict.items():
         if key.startswith(VISION):
-            name = convert_vision_key(key)
-            converted[name] = value.permute(0, 1, 4, 2, 3) if value.dim() == 5 else value  # (O, I, H, W, D) -> DHW
+            name, value = convert_dcformer_weight(key[len(VISION):], value)
+            converted["vision_model." + name] = value
         elif key == "t_prime":
             converted["logit_scale"] = value.float()
         elif key == "bias":
@@ -198,5 +203,6 @@ def load_converted(model: DCFormerSiglipModel, converted: dict[str, torch.Tensor
 
 __all__ = [
     "DCFORMER_SIGLIP_MAX_LENGTH", "MED3DVLM_COMMIT", "check_overrides", "convert_dcformer_siglip_state_dict",
+    "convert_dcformer_weight", "dcformer_config_from_weights",
     "dcformer_siglip_config", "load_converted", "load_dcformer_siglip_folder",
 ]

@@ -212,6 +212,20 @@ def vit_config_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str, imag
     )
 
 
+# What transformers 4.x configs hold of the rotary embedding, which 5.x reads when given but no longer writes (its
+# `rope_parameters`): Qwen2.5's `rope_theta` is 1e6, not the default 1e4.
+LEGACY_ROPE_FIELDS = ("rope_theta", "rope_scaling")
+
+
+def llm_config_fields(source_config: dict, model_type: str) -> dict:
+    """The fields of a released multimodal `config.json` (an LLM config with the project's own fields added) that
+    belong to the config of its LLM, `model_type`: what `AutoConfig.for_model(model_type)` knows, and the rotary
+    settings of transformers 4.x files (`LEGACY_ROPE_FIELDS`)."""
+    known = set(AutoConfig.for_model(model_type).to_dict()) | set(LEGACY_ROPE_FIELDS)
+    dropped = ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype")
+    return {key: value for key, value in source_config.items() if key in known and key not in dropped}
+
+
 def check_m3d_lamed_fields(m3d_config: dict) -> None:
     """Raise `ValueError` for M3D-LaMed settings that voxlm does not reproduce, naming the field."""
     expected = {"vision_select_layer": -1, "vision_select_feature": "patch"}
@@ -246,10 +260,7 @@ def m3d_lamed_config(
     constants = {**M3D_LAMED_CONSTANTS, **(constants or {})}
     image_size, patch_size = m3d_config["image_size"], m3d_config["patch_size"]
     text_type = LAMED_TEXT_MODEL_TYPES[m3d_config["model_type"]]
-    known_text_fields = AutoConfig.for_model(text_type).to_dict()
-    text_fields = {key: value for key, value in m3d_config.items()
-                   if key in known_text_fields and key not in ("architectures", "auto_map", "model_type",
-                                                                "transformers_version", "dtype", "torch_dtype")}
+    text_fields = llm_config_fields(m3d_config, text_type)
     text_fields["vocab_size"] = shapes["language_model.model.embed_tokens.weight"][0]
     seg_config = None
     if m3d_config.get("segmentation_module") and "seg_head.prompt_projector.0.weight" in shapes:

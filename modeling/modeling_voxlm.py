@@ -1,4 +1,5 @@
-"""VoxLM: M3D-LaMed as a transformers model, composed of a VoxViT, a projector, any causal LM and a `[SEG]` mask decoder.
+"""VoxLM: M3D-LaMed (and Med3DVLM) as a transformers model, composed of a vision tower, a projector, any causal LM and
+a `[SEG]` mask decoder.
 
     volume (B, 1, D, H, W)
       -> VoxViT                                   patch features (B, N, E_vis), CLS dropped
@@ -6,6 +7,8 @@
       -> replaces the `<im_patch>` tokens         found by id (never by position), counts checked
          (a study (B, S, 1, D, H, W) + scan_mask: VoxViT study mode, each scan projected alone -> (B, S, N_img, E_llm);
           the real scans' tokens in order, a learned separator between scans -> S_real N_img + S_real - 1 tokens)
+      (or any tower of vision_towers.VISION_TOWERS, e.g. Med3DVLM's DCFormer, and the MixerProjector: two of its
+       stages (B, N_s, C_s), each MLP-Mixed into tokens of the LLM width, concatenated -> (B, N_img, E_llm))
       -> causal LM (built with from_config)       logits (B, L, V); the LM loss on answer tokens
       -> hidden state at each `[SEG]` token       (or at the token before it: `seg_config.prompt_token`), mean if
                                                   several -> (B_seg, E_llm)
@@ -27,23 +30,22 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_voxlm import VoxLMConfig
-from .configuration_voxvit import VoxViTConfig
 from .losses import IGNORE_INDEX, bce_loss, causal_lm_loss, dice_loss
 from .modeling_segvol import SegVolHead, SegVolMaskDecoder, SegVolPromptEncoder
 from .modeling_voxvit import (
-    VoxViTModel,
     VoxViTPatchEmbedding,
     eager_attention_forward,
     pool_scan_tokens,
     write_model_card_if_missing,
 )
+from .vision_towers import build_vision_tower, vision_tower_class, vision_tower_config
 
 
 @dataclass
@@ -142,6 +144,69 @@ class LinearProjector(VoxLMProjector):
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """`(B, T, E_vis)` -> `(B, T, E_llm)`, token by token (also the volume embedding's token)."""
         return self.linear(tokens)
+
+
+def mixer_mlp(in_features: int, out_features: int, depth: int) -> nn.Sequential:
+    """Linear, then `depth - 1` x (GELU, Linear), all `out_features` wide after the first (Med3DVLM's
+    `MultiModalProjector`, src/model/projector/mlp.py)."""
+    layers = [nn.Linear(in_features, out_features)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_features, out_features)]
+    return nn.Sequential(*layers)
+
+
+class MixerLayer(nn.Module):
+    """One MLP-Mixer layer of a stream: LayerNorm, an MLP across the tokens (`N_in -> N_out`), LayerNorm, an MLP
+    across the channels (`C_in -> C_out`).
+
+    Note: as Med3DVLM's `MixerLayer` (src/model/projector/mlp.py), there are no residual connections (the token and
+    channel counts change), and both norms run over the input channels: the second norm comes before the channel MLP.
+
+    Args:
+        in_shape (`tuple[int, int]`): `(N_in, C_in)`.
+        out_shape (`tuple[int, int]`): `(N_out, C_out)`.
+        mlp_depth (`int`): Linear layers of each MLP.
+    """
+
+    def __init__(self, in_shape: tuple[int, int], out_shape: tuple[int, int], mlp_depth: int):
+        super().__init__()
+        self.token_norm = nn.LayerNorm(in_shape[1])
+        self.token_mlp = mixer_mlp(in_shape[0], out_shape[0], mlp_depth)
+        self.channel_norm = nn.LayerNorm(in_shape[1])
+        self.channel_mlp = mixer_mlp(in_shape[1], out_shape[1], mlp_depth)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(B, N_in, C_in)` -> `(B, N_out, C_out)`."""
+        tokens = rearrange(self.token_norm(hidden_states), "b n c -> b c n")  # (B, N_in, C_in) -> (B, C_in, N_in)
+        mixed = rearrange(self.token_mlp(tokens), "b c n -> b n c")  # (B, C_in, N_out) -> (B, N_out, C_in)
+        return self.channel_mlp(self.channel_norm(mixed))  # (B, N_out, C_out)
+
+
+class MixerProjector(VoxLMProjector):
+    """Med3DVLM's dual-stream MLP-Mixer projector (`MixerLowHighHybridMLP`, src/model/projector/mlp.py): each stream
+    mixes one of the tower's stages through `L` [`MixerLayer`]s into `mixer_num_tokens[s][-1]` tokens of the LLM width,
+    and the streams' tokens are concatenated.
+
+        stage -2 (B, 256, 384) -> (B, 192, E/2) -> (B, 128, E)  \
+                                                                  cat -> (B, 256, E)
+        stage -1 (B, 32, 768)  -> (B, 64, E/2)  -> (B, 128, E)  /
+
+    Layer `i` widens the channels to `E / 2^(L - 1 - i)` (the numbers above: Med3DVLM's defaults).
+    """
+
+    def __init__(self, config: VoxLMConfig):
+        super().__init__(config)
+        width, depth = config.text_config.hidden_size, len(config.mixer_num_tokens[0])
+        self.streams = nn.ModuleList()
+        for in_shape, counts in zip(config.mixer_stream_shapes, config.mixer_num_tokens):
+            shapes = [tuple(in_shape)] + [(count, width // 2 ** (depth - 1 - i)) for i, count in enumerate(counts)]
+            self.streams.append(nn.Sequential(*[
+                MixerLayer(shapes[i], shapes[i + 1], config.mixer_mlp_depth) for i in range(depth)
+            ]))
+
+    def forward(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
+        """One `(B, N_s, C_s)` tensor per stream -> `(B, sum_s mixer_num_tokens[s][-1], E_llm)`."""
+        return torch.cat([stream(features) for stream, features in zip(self.streams, stage_features)], dim=1)
 
 
 class VoxSegAttention(nn.Module):
@@ -282,6 +347,7 @@ class VoxSegHead(nn.Module):
 
 
 SEG_HEADS = {"voxseg": VoxSegHead, "segvol": SegVolHead}  # by `seg_config.head_type`
+PROJECTORS = {"spp": SpatialPoolingProjector, "linear": LinearProjector, "mixer": MixerProjector}
 
 
 class VoxLMPreTrainedModel(PreTrainedModel):
@@ -334,7 +400,8 @@ class VoxLMPreTrainedModel(PreTrainedModel):
 
 class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
     r"""
-    M3D-LaMed as a transformers model: a [`VoxViTModel`] encodes the volume, a projector turns its patch features into
+    M3D-LaMed as a transformers model: a vision tower (a [`VoxViTModel`], or any tower of
+    `vision_towers.VISION_TOWERS` with the `mixer` projector) encodes the volume, a projector turns its features into
     `config.num_image_tokens` LLM embeddings that replace the prompt's `<im_patch>` tokens, a causal LM (any
     `AutoModelForCausalLM`, built from `config.text_config`) writes the answer, and when the answer holds `[SEG]`, a
     [`VoxSegHead`] decodes a 3D mask from that token's hidden state.
@@ -347,9 +414,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: VoxLMConfig):
         super().__init__(config)
-        self.vision_tower = VoxViTModel(config.vision_config)
-        projector_class = SpatialPoolingProjector if config.projector_type == "spp" else LinearProjector
-        self.multi_modal_projector = projector_class(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.multi_modal_projector = PROJECTORS[config.projector_type](config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.seg_head = SEG_HEADS[config.seg_config.head_type](config) if config.seg_config is not None else None
         self.post_init()
@@ -373,7 +439,8 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         Returns:
             `set[str]`: the names of those that this model holds (the seg head exists only with `seg_config`).
         """
-        names = {f"vision_tower.{name}" for name in self.vision_tower.no_weight_decay()}
+        tower_names = getattr(self.vision_tower, "no_weight_decay", set)()  # towers without such tables have none
+        names = {f"vision_tower.{name}" for name in tower_names}
         if self.seg_head is not None:
             names |= {f"seg_head.{name}" for name in self.seg_head.no_weight_decay()}
         return names
@@ -405,8 +472,13 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
 
         Returns:
             `(patch_features (B, N, E_vis), image_features (B, N_img, E_llm))`; for studies, per scan:
-            `(B, S, N, E_vis)` and `(B, S, N_img, E_llm)`.
+            `(B, S, N, E_vis)` and `(B, S, N_img, E_llm)`. With the mixer, `patch_features` are the tower's last
+            hidden state.
         """
+        if self.config.projector_type == "mixer":
+            outputs = self.vision_tower(pixel_values, output_hidden_states=True)
+            stages = [outputs.hidden_states[layer] for layer in self.config.vision_feature_layers]  # (B, N_s, C_s)
+            return outputs.last_hidden_state, self.multi_modal_projector(stages)
         # Note: M3D takes the last layer after the final LayerNorm and drops CLS (select_feature="patch" in
         # LaMed/src/model/multimodal_encoder/vit.py).
         if pixel_values.dim() != 6:
@@ -836,11 +908,11 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
     @classmethod
     def from_vision_text_pretrained(
         cls,
-        vision_model: str | VoxViTModel | None,
+        vision_model: str | PreTrainedModel | None,
         text_model,
         token_ids: dict[str, int],
         vocab_size: int,
-        vision_config: VoxViTConfig | None = None,
+        vision_config: PretrainedConfig | dict | None = None,
         text_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "VoxLMForConditionalGeneration":
@@ -850,21 +922,23 @@ class VoxLMForConditionalGeneration(VoxLMPreTrainedModel, GenerationMixin):
         start at the mean of the existing ones, so new tokens begin as an "average" token rather than noise.
 
         Args:
-            vision_model (`str`, `VoxViTModel` or `None`): a VoxViT folder / Hub id, a model, or `None` for a randomly
-                initialised encoder from `vision_config`.
+            vision_model (`str`, `PreTrainedModel` or `None`): a vision tower's folder / Hub id (any tower of
+                `vision_towers.VISION_TOWERS`), a tower, or `None` for a randomly initialised one from `vision_config`.
             text_model (`str` or `PreTrainedModel`): a causal LM folder / Hub id, or a loaded causal LM.
             token_ids (`dict[str, int]`): `image_token_id`, `seg_token_id`, `box_start_token_id`, `box_end_token_id`
                 (and optionally `pad_token_id`), as `voxlm.processing.add_voxlm_tokens` returns them.
             vocab_size (`int`): the tokenizer's length after the tokens were added.
-            vision_config (`VoxViTConfig`, *optional*): used when `vision_model` is `None`.
+            vision_config (`PretrainedConfig` or `dict`, *optional*): used when `vision_model` is `None` (a VoxViT's
+                defaults when also `None`).
             text_kwargs (`dict`, *optional*): passed to `AutoModelForCausalLM.from_pretrained` (e.g. `gguf_file`).
             config_kwargs: the other `VoxLMConfig` fields (`seg_config`, `projector_type`, `pooling_size`,
                 `max_study_scans`, `pooled_image_token`, ...).
         """
         if isinstance(vision_model, str):
-            vision_model = VoxViTModel.from_pretrained(vision_model)
+            tower_config = vision_tower_config(PretrainedConfig.get_config_dict(vision_model)[0])
+            vision_model = vision_tower_class(tower_config.model_type)[1].from_pretrained(vision_model)
         elif vision_model is None:
-            vision_model = VoxViTModel(vision_config or VoxViTConfig())
+            vision_model = build_vision_tower(vision_tower_config(vision_config))
         if isinstance(text_model, str):
             text_model = AutoModelForCausalLM.from_pretrained(text_model, **(text_kwargs or {}))
         resize_embeddings_to_mean(text_model, vocab_size)

@@ -34,7 +34,11 @@ IGNORE_INDEX = -100
 # 425, 578, 756, 925, 1054, and Bench/dataset/multi_dataset.py, which Bench/eval/eval_vqa.py and the others tokenize),
 # but "<im_patch>" * 256 + question for captions (multi_dataset.py line 197; Bench's CapDataset) and in its demos
 # (LaMed/src/demo/demo.py line 57). `None`: the chat layout, placeholders and question side by side in a user turn.
-PROMPT_LAYOUT_SEPARATORS = {"chat": None, "m3d": " ", "m3d_caption": ""}
+# Med3DVLM writes the same texts (mirthAI/Med3DVLM src/dataset/mllm_dataset.py: VQA `image_tokens + " " + question`,
+# captions `image_tokens + prompt_question`; src/demo/demo.py `image_tokens + question`).
+PROMPT_LAYOUT_SEPARATORS = {"chat": None, "m3d": " ", "m3d_caption": "", "med3dvlm": " ", "med3dvlm_caption": ""}
+M3D_LAYOUTS = ("m3d", "m3d_caption")  # begin with BOS
+MED3DVLM_LAYOUTS = ("med3dvlm", "med3dvlm_caption")  # begin with Med3DVLM's `<im_patch>` as text
 VOLUME_PROCESSOR_KWARGS = {"modality", "window", "return_metadata"}
 BOX_PATTERN = re.compile(re.escape(BOX_START_TOKEN) + r"\s*\[([^\]]*)\]\s*" + re.escape(BOX_END_TOKEN))
 
@@ -117,6 +121,11 @@ class VoxLMProcessor(ProcessorMixin):
               BOS first (added if the tokenizer does not add it: M3D's splice puts the image features right after the
               first token); a training answer follows as M3D's `question + " " + answer` is tokenized, then EOS.
             - `"m3d_caption"`: the same without the space, as M3D wrote its caption prompts and its demos.
+            - `"med3dvlm"`: what Med3DVLM's released model reads (its text is M3D's, `"<im_patch>" * 256 + " " +
+              question` for VQA, tokenized by Qwen2's tokenizer, which adds no BOS; its splice keeps the first token
+              and overwrites tokens 1..256): the text token `<im_patch>`, then the placeholders (`image_token`, which
+              must then be another token, e.g. Qwen2's `<|image_pad|>`), then the question without its first
+              token. `"med3dvlm_caption"`: the same without the space (Med3DVLM's captions and demo).
     """
 
     def __init__(
@@ -142,8 +151,11 @@ class VoxLMProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; call add_voxlm_tokens(tokenizer) first")
-        if prompt_layout != "chat" and tokenizer.bos_token_id is None:
+        if prompt_layout in M3D_LAYOUTS and tokenizer.bos_token_id is None:
             raise ValueError(f"`prompt_layout={prompt_layout!r}` begins prompts with BOS, and the tokenizer has none")
+        if prompt_layout in MED3DVLM_LAYOUTS and image_token == IMAGE_TOKEN:
+            raise ValueError(f"`prompt_layout={prompt_layout!r}` begins prompts with {IMAGE_TOKEN} as text: the "
+                             "placeholders (`image_token`) must be another token")
 
     @property
     def uses_chat_template(self) -> bool:
@@ -191,12 +203,29 @@ class VoxLMProcessor(ProcessorMixin):
 
     def text_ids(self, text: str) -> list[int]:
         """A rendered text's ids: with a chat template as it stands; otherwise with the tokenizer's special tokens
-        (BOS first, as M3D's prompts begin), and for the M3D layouts BOS added where the tokenizer adds none."""
+        (BOS first, as M3D's prompts begin), and for the M3D layouts BOS added where the tokenizer adds none; for the
+        Med3DVLM layouts, as `med3dvlm_ids` writes them."""
         ids = self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"]
+        if self.prompt_layout in MED3DVLM_LAYOUTS:
+            return self.med3dvlm_ids(ids)
         bos = self.tokenizer.bos_token_id
-        if self.prompt_layout != "chat" and ids[:1] != [bos]:
+        if self.prompt_layout in M3D_LAYOUTS and ids[:1] != [bos]:
             ids = [bos, *ids]
         return ids
+
+    def med3dvlm_ids(self, ids: list[int]) -> list[int]:
+        """`placeholders + text` ids -> what Med3DVLM's model reads: `<im_patch>` (a text token) first, the
+        placeholders, and the text without its first token; ids without placeholders stay as they are.
+
+        Note: Med3DVLM tokenizes `"<im_patch>" * N + text` (no BOS: Qwen2) and splices `cat(embeds[:, :1], image,
+        embeds[:, N + 1:])` (src/model/vlm_arch.py `prepare_inputs_for_multimodal`): the first `<im_patch>` stays a
+        text embedding and the image features overwrite tokens 1..N, the last of which is the text's first token, so
+        the model never reads that token. Its released weights were trained so, and are given the same here.
+        """
+        if self.image_token_id not in ids:
+            return ids
+        end = len(ids) - ids[::-1].index(self.image_token_id)  # just after the last placeholder
+        return [self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), *ids[:end], *ids[end + 1:]]
 
     def prompt_ids(self, prompt: str, num_image_tokens: int) -> list[int]:
         """A rendered prompt's ids (`text_ids`), checking that it holds `num_image_tokens` placeholders."""

@@ -45,11 +45,12 @@ def voxlm_outputs(folder: str, question: str, volumes: list[str]) -> tuple[dict,
         inputs = processor(images=volume, text=question)
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answer = answerer(images=volume, text=question, max_new_tokens=8, return_masks=True)
+        answer = answerer(images=volume, text=question, max_new_tokens=8,
+                          return_masks=model.config.seg_config is not None)  # masks need a seg head
         tensors[f"pixel_values.{index}"] = inputs["pixel_values"]
         tensors[f"input_ids.{index}"] = inputs["input_ids"]
         tensors[f"generated.{index}"] = generated
-        if answer["mask"] is not None:
+        if answer.get("mask") is not None:
             tensors[f"pipeline_mask.{index}"] = torch.from_numpy(answer["mask"])
         texts[str(index)] = answer["generated_text"]
     texts["classes"] = [class_name(processor), class_name(processor.image_processor), class_name(model),

@@ -12,13 +12,13 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 import voxlm  # noqa: F401
-from voxlm.data import write_phantom_dataset
-from voxlm.training import finetune, pretrain_projector
+from voxlm.training import finetune
 from voxlm.training.assemble import PretrainedParts, build_voxlm
 from voxlm.training.merge_lora import merge_lora
-from voxlm.training.mllm import MLLMSettings, lm_train_step
-from voxlm.training.settings import parse_overrides
+from voxlm.training.mllm import lm_train_step
 from voxlm.training.trainable import LoraSettings, apply_lora
+
+from tiny_models import mllm_settings, run_mllm_stages
 
 TINY_MODEL = [
     "pretrained.llm=tiny-llama",
@@ -28,20 +28,13 @@ TINY_MODEL = [
 ]
 
 
-def settings(pairs) -> MLLMSettings:
-    from voxlm.training.settings import load_settings
-
-    return load_settings(MLLMSettings, None, parse_overrides(pairs))
+settings = mllm_settings
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("mllm")
-    write_phantom_dataset(root / "data", num_cases=10, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
-    common = [f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null", "run.max_steps=2"]
-    aligned = pretrain_projector.train(settings([*common, *TINY_MODEL, f"run.output_dir={root / 'align'}"]))
-    tuned = finetune.train(settings([*common, f"init_from={aligned}", "lora.r=4", "lora.alpha=8",
-                                     "data.tasks={seg: 1.0}", f"run.output_dir={root / 'finetune'}"]))
+    aligned, tuned = run_mllm_stages(root, TINY_MODEL, num_cases=10, finetune_pairs=("data.tasks={seg: 1.0}",))
     return root, aligned, tuned
 
 

@@ -152,3 +152,55 @@ class ForceAnswer(LogitsProcessor):
         forced = torch.full_like(scores, float("-inf"))
         forced[:, self.answer[input_ids.shape[1] - self.prompt_length]] = 0.0
         return forced
+
+
+def remote_voxlm_outputs(folder, question: str, volume, tmp_path) -> dict:
+    """What `tests/remote_code_user.py` (a user without voxlm, `trust_remote_code=True` only) computes for a saved
+    VoxLM folder and one volume file: `pixel_values.0`, `input_ids.0`, the greedy `generated.0`. Asserts that it ran
+    and that every class it used came from the folder's remote code."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    output = Path(tmp_path) / "remote.safetensors"
+    # A fresh module cache and no voxlm on the path: remote_code_user.py also blocks `import voxlm`.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(tmp_path) / "modules"), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "remote_code_user.py"), "voxlm", str(folder),
+                           str(output), question, str(volume)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with safe_open(output, "pt") as saved:
+        classes = json.loads(saved.metadata()["texts"])["classes"]
+        assert all(name.startswith("transformers_modules.") for name in classes), classes
+        return {name: saved.get_tensor(name) for name in saved.keys()}
+
+
+def mllm_settings(pairs):
+    """`MLLMSettings` from `key=value` overrides, as `voxlm train align|finetune` parses them."""
+    from voxlm.training.mllm import MLLMSettings
+    from voxlm.training.settings import load_settings, parse_overrides
+
+    return load_settings(MLLMSettings, None, parse_overrides(pairs))
+
+
+def run_mllm_stages(root, model_pairs: list[str], num_cases: int, tasks: str | None = None,
+                    finetune_pairs: tuple[str, ...] = ()):
+    """Two-step `align` (from `model_pairs`) then LoRA `finetune` runs on phantoms written under `root`.
+
+    Returns:
+        `(aligned, tuned)`: the stages' output folders.
+    """
+    from voxlm.data import write_phantom_dataset
+    from voxlm.training import finetune, pretrain_projector
+
+    write_phantom_dataset(root / "data", num_cases=num_cases, shape=(16, 32, 32), rows_per_shard=16, test_fraction=0.0)
+    common = [f"data.path={root / 'data'}", "run.batch_size=2", "run.tracker=null", "run.max_steps=2",
+              *([f"data.tasks={tasks}"] if tasks else [])]
+    aligned = pretrain_projector.train(mllm_settings([*common, *model_pairs, f"run.output_dir={root / 'align'}"]))
+    tuned = finetune.train(mllm_settings([*common, f"init_from={aligned}", "lora.r=4", "lora.alpha=8",
+                                          *finetune_pairs, f"run.output_dir={root / 'finetune'}"]))
+    return aligned, tuned

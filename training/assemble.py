@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration, VoxViTModel
+from voxlm.modeling import VoxLMConfig, VoxLMForConditionalGeneration
 from voxlm.modeling.vision_towers import VISION_TOWERS, build_vision_tower, vision_tower_config
 from voxlm.processing import VoxVolumeProcessor
 
@@ -112,9 +112,6 @@ def build_voxlm(pretrained: PretrainedParts, model: dict | None = None, processo
     language_model, tokenizer = load_llm(pretrained.llm, config_arguments.pop("text_config", None))
     token_ids = add_voxlm_tokens(tokenizer)
     vision_model = load_vision_encoder(pretrained.vision, config_arguments.pop("vision_config", None))
-    if not isinstance(vision_model, VoxViTModel):
-        raise ValueError(f"A VoxLM reads VoxViT patch tokens; pretrained.vision={pretrained.vision!r} gives a "
-                         f"{vision_model.config.model_type} tower")
     voxlm = VoxLMForConditionalGeneration.from_vision_text_pretrained(
         vision_model, language_model, token_ids=token_ids, vocab_size=len(tokenizer), **config_arguments
     )

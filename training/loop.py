@@ -199,6 +199,18 @@ def move_to(batch: dict, device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
+def keep_frozen_batch_norms_in_eval(model: torch.nn.Module) -> None:
+    """Put every BatchNorm whose affine parameters are all frozen in eval mode: in train mode it would still update
+    its running statistics, so a frozen tower (the DCFormer under `align`) would change after all. (A BatchNorm
+    without affine parameters says nothing about being frozen, and keeps training mode.)"""
+    for module in model.modules():
+        parameters = list(module.parameters())
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and parameters and not any(
+            parameter.requires_grad for parameter in parameters
+        ):
+            module.eval()
+
+
 def run_training(
     model: torch.nn.Module,
     batches_for_epoch: Callable[[int, list[int]], Iterable[dict]],
@@ -255,6 +267,7 @@ def run_training(
     position = start  # updated as batches are drawn: what the next checkpoint saves
     progress = tqdm(total=settings.max_steps, initial=step, desc=stage, disable=not accelerator.is_main_process)
     model.train()
+    keep_frozen_batch_norms_in_eval(model)
 
     def micro_batches():
         """`(batch, loss_weight)` over epochs, from `start` on; keeps `position` at the last batch yielded."""

@@ -65,8 +65,9 @@ SUBWORDS = ["##s", "##ed", "##ing", "##al", "##ly", "##er", "##ion", "##ic", "##
 PUNCTUATION = [".", ",", ":", ";", "-", "(", ")"]
 
 
-def import_med3dvlm_clip(root: Path):
-    """Med3DVLM's `src.model.CLIP`, with a stub `timm.layers` and `decomp_small` at the tiny widths."""
+def import_med3dvlm_dcformer(root: Path):
+    """Med3DVLM's `src.model.encoder.dcformer` (its checkout `root` on `sys.path`, a stub `timm.layers`), and
+    `decomp_tiny`: its `DecompModel` at the tiny widths, to stand in for `decomp_small`."""
     layers = types.ModuleType("timm.layers")
     layers.DropPath = torch.nn.Dropout  # never built: drop_path is 0
     layers.to_3tuple = lambda x: (x, x, x)
@@ -75,11 +76,17 @@ def import_med3dvlm_clip(root: Path):
     sys.modules["timm.layers"] = layers
     sys.path.insert(0, str(root))
     dcformer = importlib.import_module("src.model.encoder.dcformer")
-    clip = importlib.import_module("src.model.CLIP")
 
     def decomp_tiny(input_size):
         return dcformer.DecompModel(input_size=input_size, num_blocks=TINY_BLOCKS, channels=TINY_CHANNELS)
 
+    return dcformer, decomp_tiny
+
+
+def import_med3dvlm_clip(root: Path):
+    """Med3DVLM's `src.model.CLIP`, with a stub `timm.layers` and `decomp_small` at the tiny widths."""
+    _, decomp_tiny = import_med3dvlm_dcformer(root)
+    clip = importlib.import_module("src.model.CLIP")
     clip.decomp_small = decomp_tiny
     return clip
 
@@ -111,18 +118,24 @@ def randomise(model: torch.nn.Module) -> None:
                 module.running_var.copy_(torch.empty_like(module.running_var).uniform_(0.5, 1.5))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def med3dvlm_checkout(description: str) -> tuple[str, str]:
+    """The `--med3dvlm` checkout given on the command line and its commit."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--med3dvlm", required=True, help="checkout of mirthAI/Med3DVLM")
-    args = parser.parse_args()
-    commit = subprocess.run(["git", "-C", args.med3dvlm, "rev-parse", "HEAD"], check=True, capture_output=True,
+    root = parser.parse_args().med3dvlm
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], check=True, capture_output=True,
                             text=True).stdout.strip()
+    return root, commit
+
+
+def main() -> None:
+    root, commit = med3dvlm_checkout(__doc__.splitlines()[0])
     from transformers import AutoTokenizer
 
     release = HERE / "dcformer_siglip"
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        clip = import_med3dvlm_clip(Path(args.med3dvlm))
+        clip = import_med3dvlm_clip(Path(root))
         torch.distributed.init_process_group("gloo", init_method=f"file://{scratch / 'group'}", rank=0, world_size=1)
         torch.manual_seed(0)
         tiny_distilbert(scratch / "text")
