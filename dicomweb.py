@@ -99,22 +99,21 @@ def download_study(client, study_uid: str, folder: Path, limits: ReadLimits | No
         or the server fails.
     """
     limits = limits or ReadLimits()
-    skipped, wanted = [], []
+    skipped, wanted, instances = [], [], 0
     for series in study_series(client, study_uid):
-        description = _value(series, "SeriesDescription") or _value(series, "SeriesInstanceUID")
+        series_uid = _value(series, "SeriesInstanceUID")
+        description = _value(series, "SeriesDescription") or series_uid
         modality = _value(series, "Modality", "unknown")
         if modality in VOLUME_MODALITIES:
-            wanted.append(series)
+            wanted.append((series_uid, description))
+            instances += int(_value(series, "NumberOfSeriesRelatedInstances", 0) or 0)
         else:
             skipped.append(f"{description}: modality {modality}, not {' or '.join(VOLUME_MODALITIES)}")
-    instances = sum(int(_value(series, "NumberOfSeriesRelatedInstances", 0) or 0) for series in wanted)
     if instances > limits.max_files:
         raise DicomWebError(f"study {study_uid} holds {instances} CT/MR instances, more than the {limits.max_files} "
                             "one read may take; raise ReadLimits.max_files if it is genuine")
     stored = 0
-    for index, series in enumerate(wanted):
-        series_uid = _value(series, "SeriesInstanceUID")
-        description = _value(series, "SeriesDescription") or series_uid
+    for index, (series_uid, description) in enumerate(wanted):
         with _request(client, f"retrieving series {series_uid} of study {study_uid}"):
             datasets = client.retrieve_series(study_uid, series_uid)
         images = [dataset for dataset in datasets if "PixelData" in dataset]
@@ -157,8 +156,8 @@ def store_results(client, study_uid: str, datasets) -> None:
 
 
 def answer_study(client, study_uid: str, question: str, model, processor, model_name: str, *, store: bool = False,
-                 seg_path=None, sr_path=None, mask_path=None, limits: ReadLimits | None = None,
-                 **predict_options) -> dict:
+                 seg_path=None, sr_path=None, mask_path=None, label: str | None = None,
+                 limits: ReadLimits | None = None, **predict_options) -> dict:
     """Answer `question` about one study on the server, and with `store` send the SEG and SR back into it.
 
     Args:
@@ -167,6 +166,7 @@ def answer_study(client, study_uid: str, question: str, model, processor, model_
         question (`str`), model, processor: as in `predict`; `model_name` is the model's Hub id or folder.
         store (`bool`, defaults to `False`): STOW-RS the SEG (when the answer holds a mask) and the SR into the study.
         seg_path, sr_path, mask_path (*optional*): also write the SEG, the SR, the NIfTI mask to these files.
+        label (`str`, *optional*): the SEG's segment label (default: `segment_label(question)`).
         limits (`ReadLimits`, *optional*): the files and bytes the study may take.
         **predict_options: `mask_series`, `max_new_tokens`, `modality`, `window`.
 
@@ -184,7 +184,8 @@ def answer_study(client, study_uid: str, question: str, model, processor, model_
         folder = Path(temporary) / study_uid
         skipped = download_study(client, study_uid, folder, limits)
         prediction = predict(folder, question, model, processor, **predict_options)
-    segmentation, report = write_dicom_results(prediction, question, model_name, seg_path=seg_path, sr_path=sr_path)
+    segmentation, report = write_dicom_results(prediction, question, model_name, seg_path=seg_path, sr_path=sr_path,
+                                               label=label)
     if mask_path is not None and prediction.mask is not None:
         prediction.save_mask(mask_path)
     if store:

@@ -6,7 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from voxlm import dicomweb
 from voxlm.commands.common import JSON_HELP, MODALITY_HELP, VOLUME_HELP, guarded, print_result
+from voxlm.dicom_output import write_dicom_results
 from voxlm.inference import DEFAULT_MODEL, MODEL_ENV, load_voxlm, predict
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,6 @@ def check_sources(args) -> None:
 
 def write_dicom_outputs(args, prediction, model_name: str, result: dict) -> list[str]:
     """Write the DICOM SEG (when the answer holds a mask) and SR asked for; the lines to print."""
-    from voxlm.dicom_output import write_dicom_results
-
     segmentation, report = write_dicom_results(prediction, args.question, model_name, seg_path=args.dicom_seg_out,
                                                sr_path=args.dicom_sr_out, label=args.segment_label)
     lines = []
@@ -94,7 +94,8 @@ def write_dicom_outputs(args, prediction, model_name: str, result: dict) -> list
     result["dicom_sr_path"] = str(args.dicom_sr_out) if args.dicom_sr_out else None
     if args.dicom_seg_out:
         if segmentation is None:
-            logger.warning("The answer holds no mask: no DICOM SEG written to %s", args.dicom_seg_out)
+            logger.warning("The answer holds no [SEG] or its mask is empty: no DICOM SEG written to %s",
+                           args.dicom_seg_out)
         else:
             lines.append(f"DICOM SEG ({segmentation.NumberOfFrames} frames) written to {args.dicom_seg_out}")
     if args.dicom_sr_out:
@@ -104,13 +105,11 @@ def write_dicom_outputs(args, prediction, model_name: str, result: dict) -> list
 
 def run_dicomweb(args, model, processor, model_name: str, options: dict) -> None:
     """Answer about one study (`--study-uid`) or many (`--study-uids`) on the DICOMweb server."""
-    from voxlm import dicomweb
-
     client = dicomweb.connect(args.dicomweb, timeout=args.timeout)
     if args.study_uids:
         rows = dicomweb.answer_studies(client, dicomweb.read_study_uids(args.study_uids), args.question, model,
                                        processor, model_name, summary_path=args.summary_out, store=args.store,
-                                       **options)
+                                       label=args.segment_label, **options)
         counts = {status: sum(row["status"] == status for row in rows) for status in ("answered", "skipped", "failed")}
         print_result(args, {"studies": len(rows), **counts, "summary_path": str(args.summary_out)},
                      [f"{len(rows)} studies: {counts['answered']} answered, {counts['skipped']} skipped (already "
@@ -122,7 +121,7 @@ def run_dicomweb(args, model, processor, model_name: str, options: dict) -> None
         return
     row = dicomweb.answer_study(client, args.study_uid, args.question, model, processor, model_name,
                                 store=args.store, seg_path=args.dicom_seg_out, sr_path=args.dicom_sr_out,
-                                mask_path=args.mask_out, **options)
+                                mask_path=args.mask_out, label=args.segment_label, **options)
     if row["status"] == "skipped":
         lines = [f"study {args.study_uid} already holds this model's report {row['sr_uid']}: nothing done"]
     else:

@@ -75,14 +75,15 @@ def test_store_adds_one_seg_and_one_sr_once(pacs, demo_model_dirs, tmp_path, cap
     url, studies = pacs
     study_uid = studies["ct5n"]
     assert instances(url, study_uid) == {"CT": 5}
-    row = predict_on(url, demo_model_dirs[0], "--study-uid", study_uid, "--store",
+    row = predict_on(url, demo_model_dirs[0], "--study-uid", study_uid, "--store", "--segment-label", "whole brain",
                      "--dicom-seg-out", str(tmp_path / "seg.dcm"), capsys=capsys)
     assert row["status"] == "answered" and row["has_seg"] and row["stored"]
     assert instances(url, study_uid) == {"CT": 5, "SEG": 1, "SR": 1}
     client = dicomweb.connect(url)
     stored_seg = client.search_for_instances(study_instance_uid=study_uid, search_filters={"Modality": "SEG"})
-    written = pydicom.dcmread(tmp_path / "seg.dcm").SOPInstanceUID
-    assert stored_seg[0]["00080018"]["Value"][0] == row["seg_uid"] == written
+    written = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert stored_seg[0]["00080018"]["Value"][0] == row["seg_uid"] == written.SOPInstanceUID
+    assert written.SegmentSequence[0].SegmentLabel == "whole brain"
     assert dicomweb.stored_report(client, study_uid, str(demo_model_dirs[0])) == row["sr_uid"]
     again = predict_on(url, demo_model_dirs[0], "--study-uid", study_uid, "--store", capsys=capsys)
     assert again == {"study_uid": study_uid, "status": "skipped", "sr_uid": row["sr_uid"], "stored": False}

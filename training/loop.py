@@ -204,10 +204,10 @@ def keep_frozen_batch_norms_in_eval(model: torch.nn.Module) -> None:
     its running statistics, so a frozen tower (the DCFormer under `align`) would change after all. (A BatchNorm
     without affine parameters says nothing about being frozen, and keeps training mode.)"""
     for module in model.modules():
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
         parameters = list(module.parameters())
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and parameters and not any(
-            parameter.requires_grad for parameter in parameters
-        ):
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
             module.eval()
 
 
